@@ -1,0 +1,106 @@
+# shellcheck shell=bash
+# Shared helpers of scripts/*.sh: install what is missing, start local
+# services on free loopback ports, and stop only what we started.
+#
+# Tool installs are cached outside the clone, in $STREAMSCORE_CACHE
+# (default ~/.cache/streamscore), so CI on the same machine reuses them.
+
+STREAMSCORE_CACHE="${STREAMSCORE_CACHE:-$HOME/.cache/streamscore}"
+TANSU_VERSION="0.6.0"
+TANSU_BIN="$STREAMSCORE_CACHE/tansu-$TANSU_VERSION/bin/tansu"
+SS_PIDS=()
+
+log() { printf '\033[1m[streamscore]\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[streamscore] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+APT_UPDATED=0
+apt_install() {
+  local missing=()
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing Debian packages: ${missing[*]}"
+  if [ "$APT_UPDATED" = 0 ]; then
+    as_root apt-get update -qq || die "apt-get update failed"
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+}
+
+# Build dependencies of the crate (librdkafka with TLS is built from source).
+ensure_build_deps() {
+  command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
+  apt_install build-essential pkg-config libssl-dev cmake
+}
+
+ensure_redis() { apt_install redis-server redis-tools; }
+
+# The Kafka-protocol broker, built once per machine into the cache (~9 min).
+ensure_tansu() {
+  if [ -x "$TANSU_BIN" ]; then return 0; fi
+  log "building the tansu $TANSU_VERSION broker into $STREAMSCORE_CACHE (about 9 minutes, once per machine)"
+  mkdir -p "$STREAMSCORE_CACHE"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features libsql,dynostore \
+    --root "$STREAMSCORE_CACHE/tansu-$TANSU_VERSION" >"$STREAMSCORE_CACHE/tansu-install.log" 2>&1 \
+    || { tail -20 "$STREAMSCORE_CACHE/tansu-install.log" >&2; die "cargo install tansu failed"; }
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# wait_port PORT SECONDS NAME
+wait_port() {
+  local port=$1 secs=$2 name=$3 i
+  for ((i = 0; i < secs * 10; i++)); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  die "$name did not open 127.0.0.1:$port within ${secs}s"
+}
+
+# start_tansu DIR [ENGINE]: sets TANSU_PORT. ENGINE: memory (default) or sqlite.
+start_tansu() {
+  local dir=$1 engine=${2:-memory} storage
+  mkdir -p "$dir"
+  TANSU_PORT=$(free_port)
+  if [ "$engine" = sqlite ]; then storage="sqlite://tansu.db"; else storage="memory://tansu/"; fi
+  (cd "$dir" && exec "$TANSU_BIN" broker \
+    --listener-url "tcp://127.0.0.1:$TANSU_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$TANSU_PORT" \
+    --storage-engine "$storage" >"$dir/tansu.log" 2>&1) &
+  SS_PIDS+=($!)
+  wait_port "$TANSU_PORT" 30 "tansu broker (log: $dir/tansu.log)"
+  log "broker (tansu $TANSU_VERSION, $engine) on 127.0.0.1:$TANSU_PORT"
+}
+
+# start_redis DIR: sets REDIS_PORT. No persistence.
+start_redis() {
+  local dir=$1
+  mkdir -p "$dir"
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$dir" --logfile "$dir/redis.log" --daemonize no &
+  SS_PIDS+=($!)
+  wait_port "$REDIS_PORT" 15 "redis-server (log: $dir/redis.log)"
+  redis-cli -p "$REDIS_PORT" ping >/dev/null || die "redis-server does not answer PING"
+  log "redis-server on 127.0.0.1:$REDIS_PORT"
+}
+
+# Stops what this script started (and only that).
+stop_started() {
+  local pid
+  for pid in "${SS_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${SS_PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  SS_PIDS=()
+}

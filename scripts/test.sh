@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing (Debian packages, the tansu
+# broker), starts a broker and redis-server on free loopback ports, then runs
+# formatting, lint, docs and the whole test suite against them. Stops what it
+# started. `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+
+ensure_build_deps
+ensure_redis
+ensure_tansu
+
+RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/streamscore-test.XXXXXX")
+trap 'stop_started; rm -rf "$RUN_DIR"' EXIT
+start_tansu "$RUN_DIR/tansu"
+start_redis "$RUN_DIR/redis"
+
+export STREAMSCORE_TEST_BROKERS="127.0.0.1:$TANSU_PORT"
+export STREAMSCORE_TEST_REDIS="redis://127.0.0.1:$REDIS_PORT"
+export STREAMSCORE_TEST_TANSU_BIN="$TANSU_BIN"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+log "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+log "cargo test (unit + integration, real broker and Redis)"
+cargo test --all-features -- --test-threads 2 "$@"

@@ -1,0 +1,640 @@
+//! Per-user and per-merchant window state, and the feature vector computed
+//! from it.
+//!
+//! [`FeatureEngine::process`] computes an event's features from the state
+//! *before* the event (point-in-time correct), then folds the event into the
+//! state. The same code serves the stream, `streamscore features export` (the
+//! training data) and, read-only, synchronous scoring, so training and serving
+//! features cannot drift apart. docs/FEATURES.md defines every feature.
+
+pub mod window;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use dashmap::DashMap;
+use serde::ser::SerializeMap;
+use serde::Serialize;
+
+use crate::config::WindowConfig;
+use crate::events::Transaction;
+use window::{stable_hash, DistinctWindow, SumWindow};
+
+/// Number of features, the model's input width.
+pub const N_FEATURES: usize = 20;
+
+/// Feature names in model input order (the model sidecar must list the same).
+pub const FEATURE_NAMES: [&str; N_FEATURES] = [
+    "amount",
+    "amount_log",
+    "user_txn_count_1m",
+    "user_amount_sum_1m",
+    "user_txn_count_1h",
+    "user_amount_sum_1h",
+    "user_txn_count_24h",
+    "user_amount_sum_24h",
+    "user_distinct_merchants_1h",
+    "user_seconds_since_last_txn",
+    "user_amount_mean",
+    "user_amount_std",
+    "user_amount_zscore",
+    "user_new_device",
+    "user_new_country",
+    "merchant_txn_count_1h",
+    "merchant_amount_mean_1h",
+    "merchant_txn_count_24h",
+    "merchant_amount_mean_24h",
+    "merchant_distinct_users_1h",
+];
+
+/// Seconds-since-last for a user with no previous transaction: 30 days.
+pub const NO_PREVIOUS_SECONDS: f32 = 2_592_000.0;
+/// Known devices remembered per user (least recently seen forgotten first).
+pub const MAX_DEVICES: usize = 8;
+/// Known countries remembered per user.
+pub const MAX_COUNTRIES: usize = 4;
+/// The longest window horizon, 24 h, in ms.
+pub const LONGEST_HORIZON_MS: i64 = 86_400_000;
+
+/// One event's feature values, in [`FEATURE_NAMES`] order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Features(pub [f32; N_FEATURES]);
+
+impl Features {
+    /// True when every value is finite (the model must never see NaN/inf).
+    pub fn all_finite(&self) -> bool {
+        self.0.iter().all(|v| v.is_finite())
+    }
+}
+
+impl Serialize for Features {
+    /// A JSON object `name → value`, for the audit trail in every score.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(N_FEATURES))?;
+        for (name, v) in FEATURE_NAMES.iter().zip(self.0.iter()) {
+            m.serialize_entry(name, v)?;
+        }
+        m.end()
+    }
+}
+
+/// Bucket widths in ms, derived from [`WindowConfig`].
+#[derive(Debug, Clone, Copy)]
+pub struct WindowSpec {
+    pub minute_bucket_ms: i64,
+    pub hour_bucket_ms: i64,
+    pub day_bucket_ms: i64,
+    pub grace_ms: i64,
+}
+
+impl From<&WindowConfig> for WindowSpec {
+    fn from(w: &WindowConfig) -> Self {
+        WindowSpec {
+            minute_bucket_ms: w.minute_bucket.as_millis() as i64,
+            hour_bucket_ms: w.hour_bucket.as_millis() as i64,
+            day_bucket_ms: w.day_bucket.as_millis() as i64,
+            grace_ms: w.grace.as_millis() as i64,
+        }
+    }
+}
+
+impl WindowSpec {
+    fn minute_n(&self) -> usize {
+        (60_000 / self.minute_bucket_ms) as usize
+    }
+    fn hour_n(&self) -> usize {
+        (3_600_000 / self.hour_bucket_ms) as usize
+    }
+    fn day_n(&self) -> usize {
+        (LONGEST_HORIZON_MS / self.day_bucket_ms) as usize
+    }
+}
+
+/// Running mean and variance (Welford).
+#[derive(Debug, Clone, Copy, Default)]
+struct Welford {
+    n: u64,
+    mean: f64,
+    m2: f64,
+}
+
+impl Welford {
+    fn push(&mut self, x: f64) {
+        self.n += 1;
+        let d = x - self.mean;
+        self.mean += d / self.n as f64;
+        self.m2 += d * (x - self.mean);
+    }
+    fn std(&self) -> f64 {
+        if self.n < 2 {
+            0.0
+        } else {
+            (self.m2 / (self.n - 1) as f64).sqrt()
+        }
+    }
+}
+
+/// A small set of recently seen hashed values with their last-seen time.
+#[derive(Debug, Clone, Default)]
+struct RecentSet {
+    items: Vec<(u64, i64)>,
+}
+
+impl RecentSet {
+    fn contains(&self, h: u64) -> bool {
+        self.items.iter().any(|(x, _)| *x == h)
+    }
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+    fn touch(&mut self, h: u64, at: i64, cap: usize) {
+        if let Some(e) = self.items.iter_mut().find(|(x, _)| *x == h) {
+            e.1 = e.1.max(at);
+            return;
+        }
+        if self.items.len() >= cap {
+            // Forget the least recently seen (ties: smallest hash, deterministic).
+            if let Some(idx) = self
+                .items
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (x, t))| (*t, *x))
+                .map(|(i, _)| i)
+            {
+                self.items.swap_remove(idx);
+            }
+        }
+        self.items.push((h, at));
+    }
+}
+
+/// Window state of one user.
+#[derive(Debug, Clone)]
+pub struct UserState {
+    minute: SumWindow,
+    hour: SumWindow,
+    day: SumWindow,
+    merchants_hour: DistinctWindow,
+    last_event_time: i64,
+    amounts: Welford,
+    devices: RecentSet,
+    countries: RecentSet,
+}
+
+impl UserState {
+    fn new(spec: &WindowSpec) -> Self {
+        UserState {
+            minute: SumWindow::new(spec.minute_n()),
+            hour: SumWindow::new(spec.hour_n()),
+            day: SumWindow::new(spec.day_n()),
+            merchants_hour: DistinctWindow::new(spec.hour_n()),
+            last_event_time: i64::MIN,
+            amounts: Welford::default(),
+            devices: RecentSet::default(),
+            countries: RecentSet::default(),
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.minute.heap_bytes()
+            + self.hour.heap_bytes()
+            + self.day.heap_bytes()
+            + self.merchants_hour.heap_bytes()
+            + (self.devices.items.capacity() + self.countries.items.capacity()) * 16
+    }
+}
+
+/// Window state of one merchant.
+#[derive(Debug, Clone)]
+pub struct MerchantState {
+    hour: SumWindow,
+    day: SumWindow,
+    users_hour: DistinctWindow,
+    last_event_time: i64,
+}
+
+impl MerchantState {
+    fn new(spec: &WindowSpec) -> Self {
+        MerchantState {
+            hour: SumWindow::new(spec.hour_n()),
+            day: SumWindow::new(spec.day_n()),
+            users_hour: DistinctWindow::new(spec.hour_n()),
+            last_event_time: i64::MIN,
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.hour.heap_bytes() + self.day.heap_bytes() + self.users_hour.heap_bytes()
+    }
+}
+
+fn mean(c: window::CountSum) -> f32 {
+    if c.count == 0 {
+        0.0
+    } else {
+        c.sum / c.count as f32
+    }
+}
+
+/// Decides which events are late beyond the grace period: older than the
+/// newest event time seen on their partition minus the grace. Such events
+/// are still scored but not folded into the windows.
+#[derive(Debug, Clone)]
+pub struct Lateness {
+    grace_ms: i64,
+    newest: std::collections::HashMap<i32, i64>,
+}
+
+impl Lateness {
+    pub fn new(grace_ms: i64) -> Self {
+        Lateness {
+            grace_ms,
+            newest: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Observes an event of `partition` at `event_time`; true when it is late
+    /// beyond the grace period.
+    pub fn is_late(&mut self, partition: i32, event_time: i64) -> bool {
+        let newest = self.newest.entry(partition).or_insert(i64::MIN);
+        let late = *newest != i64::MIN && event_time < *newest - self.grace_ms;
+        *newest = (*newest).max(event_time);
+        late
+    }
+}
+
+/// Sizes of the window stores, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub user_keys: usize,
+    pub merchant_keys: usize,
+    pub user_bytes: usize,
+    pub merchant_bytes: usize,
+}
+
+/// The window stores: users and merchants, concurrent maps so readers (the
+/// serving layer) never block the stream for long.
+pub struct FeatureEngine {
+    spec: WindowSpec,
+    users: DashMap<String, UserState>,
+    merchants: DashMap<String, MerchantState>,
+    /// Newest event time folded into state (for idle eviction).
+    max_event_time: AtomicI64,
+}
+
+impl FeatureEngine {
+    pub fn new(spec: WindowSpec) -> Self {
+        FeatureEngine {
+            spec,
+            users: DashMap::new(),
+            merchants: DashMap::new(),
+            max_event_time: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    pub fn spec(&self) -> &WindowSpec {
+        &self.spec
+    }
+
+    fn user_features(&self, u: Option<&UserState>, t: &Transaction, out: &mut [f32; N_FEATURES]) {
+        let s = &self.spec;
+        let amount = t.amount;
+        let Some(u) = u else {
+            out[9] = NO_PREVIOUS_SECONDS;
+            return;
+        };
+        let m = u.minute.query(t.event_time.div_euclid(s.minute_bucket_ms));
+        let h = u.hour.query(t.event_time.div_euclid(s.hour_bucket_ms));
+        let d = u.day.query(t.event_time.div_euclid(s.day_bucket_ms));
+        out[2] = m.count as f32;
+        out[3] = m.sum;
+        out[4] = h.count as f32;
+        out[5] = h.sum;
+        out[6] = d.count as f32;
+        out[7] = d.sum;
+        out[8] = u
+            .merchants_hour
+            .query(t.event_time.div_euclid(s.hour_bucket_ms)) as f32;
+        out[9] = if u.last_event_time == i64::MIN {
+            NO_PREVIOUS_SECONDS
+        } else {
+            (((t.event_time - u.last_event_time).max(0)) as f32 / 1000.0).min(NO_PREVIOUS_SECONDS)
+        };
+        let std = u.amounts.std();
+        out[10] = u.amounts.mean as f32;
+        out[11] = std as f32;
+        out[12] = if u.amounts.n >= 2 && std > 1e-9 {
+            ((amount - u.amounts.mean) / std).clamp(-50.0, 50.0) as f32
+        } else {
+            0.0
+        };
+        out[13] =
+            f32::from(!u.devices.is_empty() && !u.devices.contains(stable_hash(&t.device_id)));
+        out[14] =
+            f32::from(!u.countries.is_empty() && !u.countries.contains(stable_hash(&t.country)));
+    }
+
+    fn merchant_features(
+        &self,
+        m: Option<&MerchantState>,
+        t: &Transaction,
+        out: &mut [f32; N_FEATURES],
+    ) {
+        let Some(m) = m else { return };
+        let s = &self.spec;
+        let hb = t.event_time.div_euclid(s.hour_bucket_ms);
+        let h = m.hour.query(hb);
+        let d = m.day.query(t.event_time.div_euclid(s.day_bucket_ms));
+        out[15] = h.count as f32;
+        out[16] = mean(h);
+        out[17] = d.count as f32;
+        out[18] = mean(d);
+        out[19] = m.users_hour.query(hb) as f32;
+    }
+
+    /// The features of `t` as of its event time, from the current state,
+    /// without changing anything (synchronous scoring uses this).
+    pub fn features(&self, t: &Transaction) -> Features {
+        let mut out = [0f32; N_FEATURES];
+        out[0] = t.amount as f32;
+        out[1] = t.amount.ln_1p() as f32;
+        {
+            let u = self.users.get(&t.user_id);
+            self.user_features(u.as_deref(), t, &mut out);
+        }
+        {
+            let m = self.merchants.get(&t.merchant_id);
+            self.merchant_features(m.as_deref(), t, &mut out);
+        }
+        Features(out)
+    }
+
+    /// Folds `t` into the state of its user and merchant.
+    pub fn update(&self, t: &Transaction) {
+        let s = self.spec;
+        let ts = t.event_time;
+        let amount = t.amount as f32;
+        {
+            let mut u = match self.users.get_mut(&t.user_id) {
+                Some(u) => u,
+                None => self
+                    .users
+                    .entry(t.user_id.clone())
+                    .or_insert_with(|| UserState::new(&s)),
+            };
+            u.minute.add(ts.div_euclid(s.minute_bucket_ms), amount);
+            u.hour.add(ts.div_euclid(s.hour_bucket_ms), amount);
+            u.day.add(ts.div_euclid(s.day_bucket_ms), amount);
+            u.merchants_hour
+                .add(ts.div_euclid(s.hour_bucket_ms), stable_hash(&t.merchant_id));
+            u.last_event_time = u.last_event_time.max(ts);
+            u.amounts.push(t.amount);
+            u.devices.touch(stable_hash(&t.device_id), ts, MAX_DEVICES);
+            u.countries
+                .touch(stable_hash(&t.country), ts, MAX_COUNTRIES);
+        }
+        {
+            let mut m = match self.merchants.get_mut(&t.merchant_id) {
+                Some(m) => m,
+                None => self
+                    .merchants
+                    .entry(t.merchant_id.clone())
+                    .or_insert_with(|| MerchantState::new(&s)),
+            };
+            m.hour.add(ts.div_euclid(s.hour_bucket_ms), amount);
+            m.day.add(ts.div_euclid(s.day_bucket_ms), amount);
+            m.users_hour
+                .add(ts.div_euclid(s.hour_bucket_ms), stable_hash(&t.user_id));
+            m.last_event_time = m.last_event_time.max(ts);
+        }
+        self.max_event_time.fetch_max(ts, Ordering::Relaxed);
+    }
+
+    /// Point-in-time features of `t`, then (when `update`) `t` folded into
+    /// the state. `update` is false for events later than the grace period.
+    pub fn process(&self, t: &Transaction, update: bool) -> Features {
+        let f = self.features(t);
+        if update {
+            self.update(t);
+        }
+        f
+    }
+
+    /// Newest event time folded into the state, if any.
+    pub fn max_event_time(&self) -> Option<i64> {
+        let v = self.max_event_time.load(Ordering::Relaxed);
+        (v != i64::MIN).then_some(v)
+    }
+
+    /// Drops keys with no event within the longest horizon plus grace of
+    /// the newest event time, and measures what stays. Returns the evicted
+    /// (users, merchants) and the stats after eviction.
+    pub fn evict_idle(&self) -> ((usize, usize), StoreStats) {
+        let Some(newest) = self.max_event_time() else {
+            return ((0, 0), self.stats_only());
+        };
+        let cutoff = newest - LONGEST_HORIZON_MS - self.spec.grace_ms;
+        let (mut eu, mut em) = (0, 0);
+        let mut stats = StoreStats::default();
+        self.users.retain(|k, u| {
+            let keep = u.last_event_time >= cutoff;
+            if keep {
+                stats.user_bytes += u.heap_bytes() + k.len() + std::mem::size_of::<UserState>();
+            } else {
+                eu += 1;
+            }
+            keep
+        });
+        self.merchants.retain(|k, m| {
+            let keep = m.last_event_time >= cutoff;
+            if keep {
+                stats.merchant_bytes +=
+                    m.heap_bytes() + k.len() + std::mem::size_of::<MerchantState>();
+            } else {
+                em += 1;
+            }
+            keep
+        });
+        stats.user_keys = self.users.len();
+        stats.merchant_keys = self.merchants.len();
+        ((eu, em), stats)
+    }
+
+    fn stats_only(&self) -> StoreStats {
+        StoreStats {
+            user_keys: self.users.len(),
+            merchant_keys: self.merchants.len(),
+            ..StoreStats::default()
+        }
+    }
+
+    /// Number of (user, merchant) keys held.
+    pub fn key_counts(&self) -> (usize, usize) {
+        (self.users.len(), self.merchants.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_764_000_000_000;
+
+    fn spec() -> WindowSpec {
+        WindowSpec::from(&WindowConfig::default())
+    }
+
+    fn txn(id: u32, user: &str, merchant: &str, amount: f64, ts: i64) -> Transaction {
+        Transaction {
+            txn_id: format!("t{id}"),
+            user_id: user.into(),
+            merchant_id: merchant.into(),
+            amount,
+            currency: "EUR".into(),
+            country: "FR".into(),
+            device_id: "d1".into(),
+            event_time: ts,
+            fraud_pattern: None,
+        }
+    }
+
+    fn f(fs: &Features, name: &str) -> f32 {
+        let i = FEATURE_NAMES.iter().position(|n| *n == name).unwrap();
+        fs.0[i]
+    }
+
+    #[test]
+    fn features_are_point_in_time_the_event_itself_is_not_counted() {
+        let e = FeatureEngine::new(spec());
+        let a = e.process(&txn(1, "u", "m", 10.0, T0), true);
+        assert_eq!(f(&a, "user_txn_count_1m"), 0.0);
+        assert_eq!(f(&a, "user_seconds_since_last_txn"), NO_PREVIOUS_SECONDS);
+        assert_eq!(f(&a, "merchant_txn_count_1h"), 0.0);
+        let b = e.process(&txn(2, "u", "m", 30.0, T0 + 20_000), true);
+        assert_eq!(f(&b, "user_txn_count_1m"), 1.0);
+        assert_eq!(f(&b, "user_amount_sum_1m"), 10.0);
+        assert_eq!(f(&b, "user_seconds_since_last_txn"), 20.0);
+        assert_eq!(f(&b, "merchant_txn_count_1h"), 1.0);
+        assert_eq!(f(&b, "merchant_amount_mean_1h"), 10.0);
+        let c = e.process(&txn(3, "u", "m2", 20.0, T0 + 40_000), true);
+        assert_eq!(f(&c, "user_txn_count_1m"), 2.0);
+        assert_eq!(f(&c, "user_amount_sum_1m"), 40.0);
+        assert_eq!(f(&c, "user_amount_mean"), 20.0);
+        assert!((f(&c, "user_amount_std") - 14.142_136).abs() < 1e-4);
+        assert_eq!(f(&c, "user_distinct_merchants_1h"), 1.0);
+        assert_eq!(f(&c, "merchant_txn_count_1h"), 0.0, "m2 is new");
+    }
+
+    #[test]
+    fn windows_roll_over_by_event_time() {
+        let e = FeatureEngine::new(spec());
+        e.process(&txn(1, "u", "m", 10.0, T0), true);
+        // Two minutes later: out of the 1 min window, inside 1 h and 24 h.
+        let b = e.process(&txn(2, "u", "m", 5.0, T0 + 120_000), true);
+        assert_eq!(f(&b, "user_txn_count_1m"), 0.0);
+        assert_eq!(f(&b, "user_txn_count_1h"), 1.0);
+        // Two hours later: only the 24 h window remembers.
+        let c = e.process(&txn(3, "u", "m", 5.0, T0 + 2 * 3_600_000 + 120_000), true);
+        assert_eq!(f(&c, "user_txn_count_1h"), 0.0);
+        assert_eq!(f(&c, "user_txn_count_24h"), 2.0);
+        assert_eq!(f(&c, "merchant_txn_count_24h"), 2.0);
+        assert_eq!(f(&c, "merchant_amount_mean_24h"), 7.5);
+        // Two days later: nothing.
+        let d = e.process(&txn(4, "u", "m", 5.0, T0 + 2 * 86_400_000), true);
+        assert_eq!(f(&d, "user_txn_count_24h"), 0.0);
+        assert_eq!(f(&d, "merchant_txn_count_24h"), 0.0);
+    }
+
+    #[test]
+    fn late_event_in_grace_updates_its_bucket_and_sees_only_its_past() {
+        let e = FeatureEngine::new(spec());
+        e.process(&txn(1, "u", "m", 10.0, T0), true);
+        e.process(&txn(2, "u", "m", 10.0, T0 + 50 * 60_000), true);
+        // Late by 40 min: features as of T0+10min see only the first event.
+        let late = e.process(&txn(3, "u", "m", 1.0, T0 + 10 * 60_000), true);
+        assert_eq!(f(&late, "user_txn_count_1h"), 1.0);
+        // ...and it lands in its bucket: a later event counts all three.
+        let after = e.process(&txn(4, "u", "m", 1.0, T0 + 55 * 60_000), true);
+        assert_eq!(f(&after, "user_txn_count_1h"), 3.0);
+    }
+
+    #[test]
+    fn late_event_beyond_grace_is_scored_but_not_folded_in() {
+        let e = FeatureEngine::new(spec());
+        e.process(&txn(1, "u", "m", 10.0, T0 - 2 * 3_600_000), true);
+        e.process(&txn(2, "u", "m", 10.0, T0), true);
+        // As of its own time (an hour bucket before T0) it sees only the first.
+        let late = e.process(&txn(3, "u", "m", 10.0, T0 - 3_600_000), false);
+        assert_eq!(f(&late, "user_txn_count_24h"), 1.0);
+        let next = e.process(&txn(4, "u", "m", 10.0, T0 + 1_000), true);
+        assert_eq!(
+            f(&next, "user_txn_count_24h"),
+            2.0,
+            "late one was not added"
+        );
+    }
+
+    #[test]
+    fn new_device_and_country_flags() {
+        let e = FeatureEngine::new(spec());
+        let first = e.process(&txn(1, "u", "m", 10.0, T0), true);
+        assert_eq!(
+            f(&first, "user_new_device"),
+            0.0,
+            "no history, nothing to compare"
+        );
+        let mut t = txn(2, "u", "m", 10.0, T0 + 1000);
+        t.device_id = "d2".into();
+        t.country = "BR".into();
+        let g = e.process(&t, true);
+        assert_eq!(f(&g, "user_new_device"), 1.0);
+        assert_eq!(f(&g, "user_new_country"), 1.0);
+        let again = e.process(&t, true);
+        assert_eq!(f(&again, "user_new_device"), 0.0);
+    }
+
+    #[test]
+    fn idle_keys_are_evicted_after_the_longest_horizon_plus_grace() {
+        let e = FeatureEngine::new(spec());
+        e.process(&txn(1, "old", "m-old", 10.0, T0), true);
+        e.process(&txn(2, "new", "m-new", 10.0, T0 + 3_600_000), true);
+        let ((eu, em), stats) = e.evict_idle();
+        assert_eq!((eu, em), (0, 0));
+        assert_eq!(stats.user_keys, 2);
+        assert!(stats.user_bytes > 0 && stats.merchant_bytes > 0);
+        e.process(
+            &txn(
+                3,
+                "new",
+                "m-new",
+                10.0,
+                T0 + LONGEST_HORIZON_MS + spec().grace_ms + 1,
+            ),
+            true,
+        );
+        let ((eu, em), stats) = e.evict_idle();
+        assert_eq!((eu, em), (1, 1));
+        assert_eq!((stats.user_keys, stats.merchant_keys), (1, 1));
+    }
+
+    #[test]
+    fn lateness_is_per_partition_and_relative_to_the_newest_event() {
+        let mut l = Lateness::new(1_000);
+        assert!(!l.is_late(0, T0));
+        assert!(!l.is_late(0, T0 - 1_000), "within grace");
+        assert!(l.is_late(0, T0 - 1_001), "beyond grace");
+        assert!(
+            !l.is_late(1, T0 - 50_000),
+            "other partition has its own clock"
+        );
+        assert!(!l.is_late(0, T0 + 5_000));
+        assert!(l.is_late(0, T0 + 3_000));
+    }
+
+    #[test]
+    fn features_serialize_with_names() {
+        let e = FeatureEngine::new(spec());
+        let v = serde_json::to_value(e.features(&txn(1, "u", "m", 2.5, T0))).unwrap();
+        assert_eq!(v["amount"], 2.5);
+        assert_eq!(v.as_object().unwrap().len(), N_FEATURES);
+    }
+}

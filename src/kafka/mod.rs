@@ -1,0 +1,46 @@
+//! Kafka clients: configuration, topic administration, producing with
+//! backpressure, and the consumer context that logs rebalances.
+
+pub mod admin;
+pub mod produce;
+
+use rdkafka::config::ClientConfig;
+
+use crate::config::KafkaConfig;
+
+/// The client configuration shared by every client: brokers plus the
+/// `[kafka.common]` pass-through options.
+pub fn base_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.common {
+        cc.set(k, v);
+    }
+    cc
+}
+
+/// Producer configuration: common, then `[kafka.producer]` options.
+pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut cc = base_config(cfg);
+    for (k, v) in &cfg.producer {
+        cc.set(k, v);
+    }
+    cc
+}
+
+/// Consumer configuration for `group`: common, then `[kafka.consumer]`
+/// options, then the settings streamscore owns: offsets are stored by the
+/// pipeline only after a message's outputs are acknowledged, and committed in
+/// the background every `commit_interval`.
+pub fn consumer_config(cfg: &KafkaConfig, group: &str, commit_interval_ms: u64) -> ClientConfig {
+    let mut cc = base_config(cfg);
+    cc.set("group.id", group);
+    for (k, v) in &cfg.consumer {
+        cc.set(k, v);
+    }
+    cc.set("enable.auto.commit", "true");
+    cc.set("auto.commit.interval.ms", commit_interval_ms.to_string());
+    cc.set("enable.auto.offset.store", "false");
+    cc.set("enable.partition.eof", "false");
+    cc
+}

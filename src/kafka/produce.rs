@@ -1,0 +1,41 @@
+//! Producing with backpressure: a full local queue makes the caller wait
+//! and retry instead of buffering without bound.
+
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+
+/// Enqueues one record; while librdkafka's queue is full, waits a little and
+/// tries again (backpressure). Returns the delivery future to await the ack.
+pub async fn enqueue(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+    headers: Option<OwnedHeaders>,
+) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        let mut rec = FutureRecord::to(topic).key(key).payload(payload);
+        if let Some(h) = headers.clone() {
+            rec = rec.headers(h);
+        }
+        match producer.send_result(rec) {
+            Ok(f) => return Ok(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Awaits a delivery future and turns both failure layers into one error.
+pub async fn acknowledged(f: DeliveryFuture) -> Result<(), KafkaError> {
+    match f.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
+    }
+}

@@ -1,0 +1,217 @@
+//! Every metric of streamscore, in one place.
+//!
+//! Naming: `streamscore_<what>_<unit>`; counters end in `_total`, times are
+//! `_seconds`, sizes `_bytes`. Labels take bounded values only (topic names
+//! from `topics/`, reason codes from [`crate::events::Reason`], store names).
+//! docs/METRICS.md is the reference table; a test checks it lists every name
+//! registered here.
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::events::Reason;
+
+/// The process's metrics and their registry.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_consumed: IntCounterVec,
+    pub events_scored: IntCounter,
+    pub events_flagged: IntCounter,
+    pub dead_letter: IntCounterVec,
+    pub late_events: IntCounter,
+    pub event_to_score_latency: Histogram,
+    pub processing_latency: Histogram,
+    pub batch_size: Histogram,
+    pub window_keys: IntGaugeVec,
+    pub window_state_bytes: IntGaugeVec,
+    pub evicted_keys: IntCounterVec,
+    pub model_info: IntGaugeVec,
+    pub redis_errors: IntCounter,
+    pub kafka_produce_errors: IntCounter,
+    pub newest_event_time: IntGauge,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric definition");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry. The definitions are
+    /// constants, so a failure here is a programming error caught by tests.
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        // 0.5 ms .. ~65 s
+        let latency = exponential_buckets(0.000_5, 2.0, 18).expect("valid buckets");
+        let m = Metrics {
+            events_consumed: counter_vec(
+                &r,
+                "streamscore_events_consumed_total",
+                "Messages taken from an input topic.",
+                &["topic"],
+            ),
+            events_scored: counter(
+                &r,
+                "streamscore_events_scored_total",
+                "Transactions scored and acknowledged by Kafka and Redis.",
+            ),
+            events_flagged: counter(
+                &r,
+                "streamscore_events_flagged_total",
+                "Scored transactions at or above the decision threshold.",
+            ),
+            dead_letter: counter_vec(
+                &r,
+                "streamscore_dead_letter_total",
+                "Messages sent to the dead-letter topic, by reason.",
+                &["reason"],
+            ),
+            late_events: counter(
+                &r,
+                "streamscore_late_events_total",
+                "Events older than the grace period: scored, not folded into windows.",
+            ),
+            event_to_score_latency: histogram(
+                &r,
+                "streamscore_event_to_score_latency_seconds",
+                "From the event's own time to its score being acknowledged.",
+                latency.clone(),
+            ),
+            processing_latency: histogram(
+                &r,
+                "streamscore_processing_latency_seconds",
+                "From a batch being taken from Kafka to its outputs being acknowledged.",
+                latency,
+            ),
+            batch_size: histogram(
+                &r,
+                "streamscore_batch_size_events",
+                "Events per micro-batch.",
+                exponential_buckets(1.0, 2.0, 12).expect("valid buckets"),
+            ),
+            window_keys: gauge_vec(
+                &r,
+                "streamscore_window_keys",
+                "Keys held in a window store.",
+                &["store"],
+            ),
+            window_state_bytes: gauge_vec(
+                &r,
+                "streamscore_window_state_bytes",
+                "Estimated bytes held by a window store.",
+                &["store"],
+            ),
+            evicted_keys: counter_vec(
+                &r,
+                "streamscore_window_evicted_keys_total",
+                "Idle keys dropped from a window store.",
+                &["store"],
+            ),
+            model_info: gauge_vec(
+                &r,
+                "streamscore_model_info",
+                "Always 1; the label says which model version scores.",
+                &["version"],
+            ),
+            redis_errors: counter(
+                &r,
+                "streamscore_redis_errors_total",
+                "Failed Redis writes (each is retried).",
+            ),
+            kafka_produce_errors: counter(
+                &r,
+                "streamscore_kafka_produce_errors_total",
+                "Failed Kafka deliveries (each is retried).",
+            ),
+            newest_event_time: {
+                let g = IntGauge::new(
+                    "streamscore_newest_event_time_seconds",
+                    "Event time of the newest scored event, epoch seconds.",
+                )
+                .expect("valid metric definition");
+                r.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
+            registry: r,
+        };
+        for reason in Reason::ALL {
+            m.dead_letter.with_label_values(&[reason.as_str()]);
+        }
+        for store in ["user", "merchant"] {
+            m.window_keys.with_label_values(&[store]);
+            m.window_state_bytes.with_label_values(&[store]);
+            m.evicted_keys.with_label_values(&[store]);
+        }
+        m
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let enc = TextEncoder::new();
+        if enc.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_documented_and_well_named() {
+        let m = Metrics::new();
+        m.events_consumed.with_label_values(&["transactions"]).inc();
+        m.model_info.with_label_values(&["v"]).set(1);
+        let doc = include_str!("../docs/METRICS.md");
+        let families = m.registry.gather();
+        assert!(families.len() >= 15);
+        for f in families {
+            let name = f.name();
+            assert!(name.starts_with("streamscore_"), "{name}");
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "{name} missing from docs/METRICS.md"
+            );
+            if f.get_field_type() == prometheus::proto::MetricType::COUNTER {
+                assert!(name.ends_with("_total"), "{name}");
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Output sinks other than Kafka.
+
+pub mod redis;

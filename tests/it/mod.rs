@@ -1,0 +1,5 @@
+mod cli;
+mod fraud_path;
+mod restart;
+mod schemas;
+mod util;

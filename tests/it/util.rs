@@ -1,0 +1,407 @@
+//! Shared helpers: the services from the environment (failing loudly when
+//! absent), unique names, topic creation, the `streamscore` binary as a child
+//! process, producing, reading topics, Redis and metrics.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::TopicPartitionList;
+
+/// A required service address from the environment; panics (fails the
+/// test) with instructions when it is missing. Tests never skip.
+pub fn service(var: &str) -> String {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!(
+            "{var} is not set: integration tests need a real Kafka-protocol broker and redis-server. \
+             Run them with scripts/test.sh, which installs and starts both."
+        ),
+    }
+}
+
+pub fn brokers() -> String {
+    service("STREAMSCORE_TEST_BROKERS")
+}
+
+pub fn redis_url() -> String {
+    service("STREAMSCORE_TEST_REDIS")
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this test run and call.
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    format!("{prefix}-{}-{t}-{n}", std::process::id())
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_streamscore"))
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// One isolated environment on the shared broker and Redis: its own topic
+/// prefix, group, Redis key prefix and config file.
+pub struct TestEnv {
+    pub prefix: String,
+    pub group: String,
+    pub redis_prefix: String,
+    pub http_port: u16,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl TestEnv {
+    /// Creates the environment and its topics (explicitly, through
+    /// `streamscore topics apply`). `extra` is appended to the config file.
+    pub fn new(name: &str, extra: &str) -> TestEnv {
+        let prefix = format!("{}.", unique(name));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let http_port = free_port();
+        let env = TestEnv {
+            group: format!("{prefix}group"),
+            redis_prefix: prefix.clone(),
+            http_port,
+            config_path: dir.path().join("streamscore.toml"),
+            prefix,
+            dir,
+        };
+        env.write_config(extra);
+        let out = env
+            .command(&["topics", "apply"])
+            .output()
+            .expect("run topics apply");
+        assert!(
+            out.status.success(),
+            "topics apply failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        env
+    }
+
+    fn write_config(&self, extra: &str) {
+        let models = root().join("models");
+        let text = format!(
+            r#"[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+topic_prefix = "{prefix}"
+
+[processing]
+commit_interval = "200ms"
+shutdown_deadline = "20s"
+
+[windows]
+eviction_interval = "1s"
+
+[model]
+path = "{onnx}"
+signature = "{sig}"
+
+[redis]
+url = "{redis}"
+key_prefix = "{rprefix}"
+score_ttl = "1h"
+
+[http]
+bind = "127.0.0.1:{port}"
+{extra}
+"#,
+            brokers = brokers(),
+            group = self.group,
+            prefix = self.prefix,
+            onnx = models.join("fraud.onnx").display(),
+            sig = models.join("fraud.json").display(),
+            redis = redis_url(),
+            rprefix = self.redis_prefix,
+            port = self.http_port,
+        );
+        std::fs::write(&self.config_path, text).expect("write config");
+    }
+
+    pub fn topic(&self, logical: &str) -> String {
+        format!("{}{logical}", self.prefix)
+    }
+
+    /// `streamscore --config <this env> ARGS…`
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("--config").arg(&self.config_path).args(args);
+        c.env("RUST_LOG", "info,rdkafka=warn");
+        c
+    }
+
+    /// Starts `streamscore run`, its log in the env's folder.
+    pub fn spawn_run(&self, tag: &str) -> RunningProcess {
+        let log = self.dir.path().join(format!("run-{tag}.log"));
+        let f = std::fs::File::create(&log).expect("log file");
+        let child = self
+            .command(&["run"])
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("spawn streamscore run");
+        RunningProcess { child, log }
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.http_port)
+    }
+}
+
+/// A child `streamscore run`.
+pub struct RunningProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl RunningProcess {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for the exit (bounded).
+    pub fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "streamscore run did not exit within {within:?} of SIGTERM; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RunningProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `check` until it returns Some, or fails after `within` with `what`.
+pub fn wait_for<T>(within: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer")
+}
+
+/// Produces keyed payloads and waits for every ack.
+pub fn produce_all(topic: &str, records: &[(String, Vec<u8>)]) {
+    let p = producer();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut futs = Vec::with_capacity(records.len());
+        for (k, v) in records {
+            loop {
+                match p.send_result(FutureRecord::to(topic).key(k).payload(v)) {
+                    Ok(f) => {
+                        futs.push(f);
+                        break;
+                    }
+                    Err((e, _)) => {
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        }
+        for f in futs {
+            f.await.expect("delivery not cancelled").expect("delivered");
+        }
+    });
+    p.flush(Duration::from_secs(10)).expect("flush");
+}
+
+/// One message read back.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+/// Reads every partition of `topic` from the beginning, without a group
+/// commit, until `done(records)` says so or `within` passes (then fails,
+/// showing `context()`).
+/// After `done`, keeps reading until nothing new arrives for `settle`, so
+/// duplicates that are on their way are seen too.
+pub fn read_topic(
+    topic: &str,
+    within: Duration,
+    settle: Duration,
+    mut done: impl FnMut(&[Record]) -> bool,
+    context: impl Fn() -> String,
+) -> Vec<Record> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.queue.backoff.ms", "100")
+        .create()
+        .expect("consumer");
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+                .expect("tpl");
+        }
+    }
+    c.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + within;
+    let mut out = Vec::new();
+    let mut satisfied_at: Option<Instant> = None;
+    let mut last_check = Instant::now();
+    loop {
+        match c.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                out.push(Record {
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                });
+                if satisfied_at.is_some() {
+                    satisfied_at = Some(Instant::now());
+                }
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+        // `done` may be O(records): ask it a few times a second, not per message.
+        if satisfied_at.is_none() && last_check.elapsed() >= Duration::from_millis(200) {
+            last_check = Instant::now();
+            if done(&out) {
+                satisfied_at = Some(Instant::now());
+            }
+        }
+        if let Some(t) = satisfied_at {
+            if t.elapsed() >= settle {
+                return out;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out reading {topic}: {} records so far; {}",
+            out.len(),
+            context()
+        );
+    }
+}
+
+/// Distinct keys of a record list, with their counts.
+pub fn key_counts(records: &[Record]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for r in records {
+        *m.entry(r.key.clone().unwrap_or_default()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Fetches the metrics text (None while the server is not up).
+pub fn scrape(url: &str) -> Option<String> {
+    let addr = url.trim_start_matches("http://");
+    let (host, path) = addr.split_once('/').unwrap_or((addr, ""));
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    std::io::Read::read_to_string(&mut s, &mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    let status = head.lines().next()?;
+    status.contains(" 200 ").then(|| body.to_string())
+}
+
+/// The value of one sample line `name{labels} value` (labels exact, or none).
+pub fn metric(text: &str, name_with_labels: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == name_with_labels).then(|| v.parse().ok())?
+    })
+}
+
+/// Sum of every sample of a metric family (all label sets).
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            let base = k.split('{').next()?;
+            (base == name).then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+pub fn redis_conn() -> redis::Connection {
+    redis::Client::open(redis_url())
+        .expect("redis url")
+        .get_connection()
+        .unwrap_or_else(|e| panic!("cannot connect to redis-server at {}: {e}", redis_url()))
+}
+
+/// A JSON Schema validator for `schemas/<name>.json`.
+pub fn schema(name: &str) -> jsonschema::Validator {
+    let path = root().join("schemas").join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).expect("schema is JSON");
+    jsonschema::validator_for(&v)
+        .unwrap_or_else(|e| panic!("{}: invalid schema: {e}", path.display()))
+}
+
+/// Schema errors of one instance (empty when valid).
+pub fn schema_errors(v: &jsonschema::Validator, instance: &serde_json::Value) -> Vec<String> {
+    v.iter_errors(instance).map(|e| e.to_string()).collect()
+}
