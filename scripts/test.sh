@@ -28,4 +28,4 @@ cargo clippy --all-targets --quiet -- -D warnings
 log "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 log "cargo test (unit + integration, real broker and Redis)"
-cargo test --all-features -- --test-threads 2 "$@"
+cargo test --lib --bins --tests -- --test-threads 2 "$@"

@@ -8,8 +8,9 @@
 //! enqueued to `fraud-scores` / `dead-letter`, and the batch is handed to the
 //! acker through a bounded channel (`max_in_flight_batches`: backpressure).
 //!
-//! The acker, in batch order, waits for every Kafka delivery, writes the
-//! scores to Redis in one pipeline, and only then stores the batch's offsets;
+//! A Redis task writes each batch's scores in one pipeline, in batch order,
+//! while Kafka acknowledges. The acker, in batch order, waits for every Kafka
+//! delivery and the batch's Redis write, and only then stores its offsets;
 //! librdkafka commits stored offsets every `commit_interval`. So an offset is
 //! committed only after its outputs are acknowledged by Kafka and Redis (at
 //! least once; outputs are idempotent by txn id). Failed deliveries and Redis
@@ -28,7 +29,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -74,7 +75,8 @@ struct OutRecord {
 /// A batch whose outputs are on their way.
 struct PendingBatch {
     deliveries: Vec<(DeliveryFuture, OutRecord)>,
-    redis: Vec<ScoreEntry>,
+    /// Fires when the batch's Redis pipeline succeeded.
+    redis_done: oneshot::Receiver<()>,
     /// Next offset to consume, per partition.
     offsets: Vec<(i32, i64)>,
     event_times: Vec<i64>,
@@ -111,7 +113,12 @@ struct Stage {
     scores_topic: String,
     dead_topic: String,
     lateness: Lateness,
+    /// Redis writes, in batch order, to the Redis task.
+    redis_tx: mpsc::Sender<RedisJob>,
 }
+
+/// One batch's Redis entries and who to tell when they are written.
+type RedisJob = (Vec<ScoreEntry>, oneshot::Sender<()>);
 
 fn now_ms() -> i64 {
     crate::now_ms()
@@ -142,6 +149,9 @@ impl Stage {
         match events::parse_transaction(raw, now_ms(), &self.limits) {
             Ok(txn) => {
                 let late = self.lateness.is_late(source.partition, txn.event_time);
+                if late {
+                    self.metrics.late_events.inc();
+                }
                 let features = self.engine.process(&txn, !late);
                 if !features.all_finite() {
                     let rej = Rejection::new(
@@ -187,9 +197,11 @@ impl Stage {
     ) -> anyhow::Result<PendingBatch> {
         let rows: Vec<Features> = accepted.iter().map(|s| s.features).collect();
         let scores = self.model.score(&rows).context("scoring a batch")?;
+        let (redis_tx, redis_done) = oneshot::channel();
+        let mut redis_entries = Vec::with_capacity(accepted.len());
         let mut batch = PendingBatch {
             deliveries: Vec::with_capacity(accepted.len() + rejected.len()),
-            redis: Vec::with_capacity(accepted.len()),
+            redis_done,
             offsets: offsets.into_iter().collect(),
             event_times: Vec::with_capacity(accepted.len()),
             flagged: 0,
@@ -223,7 +235,7 @@ impl Stage {
                 .await
                 .with_context(|| format!("producing to {}", self.scores_topic))?;
             batch.deliveries.push((fut, rec));
-            batch.redis.push(ScoreEntry {
+            redis_entries.push(ScoreEntry {
                 txn_id: s.txn.txn_id.clone(),
                 user_id: s.txn.user_id.clone(),
                 json,
@@ -246,6 +258,10 @@ impl Stage {
                 .with_context(|| format!("producing to {}", self.dead_topic))?;
             batch.deliveries.push((fut, rec));
             batch.dead.push(rej.reason);
+        }
+        // The Redis task writes batches in order while Kafka acknowledges.
+        if self.redis_tx.send((redis_entries, redis_tx)).await.is_err() {
+            anyhow::bail!("the Redis writer stopped");
         }
         Ok(batch)
     }
@@ -274,12 +290,26 @@ impl Stage {
     }
 }
 
+/// Writes each batch's scores to Redis, one pipeline per batch, in batch
+/// order (so `:latest` keys end in log order), retrying until it succeeds.
+async fn redis_loop(mut rx: mpsc::Receiver<RedisJob>, redis: RedisSink, metrics: Metrics) {
+    while let Some((entries, done)) = rx.recv().await {
+        let mut backoff = Duration::from_millis(50);
+        while let Err(e) = redis.write_scores(&entries).await {
+            metrics.redis_errors.inc();
+            tracing::warn!(error = %e, "Redis write failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        let _ = done.send(());
+    }
+}
+
 /// Waits for every output of each batch, in order, then stores its offsets.
 async fn ack_loop(
     mut rx: mpsc::Receiver<PendingBatch>,
     consumer: Arc<Consumer_>,
     producer: FutureProducer,
-    redis: RedisSink,
     metrics: Metrics,
     in_topic: String,
 ) -> anyhow::Result<()> {
@@ -302,12 +332,8 @@ async fn ack_loop(
                 }
             }
         }
-        let mut backoff = Duration::from_millis(50);
-        while let Err(e) = redis.write_scores(&b.redis).await {
-            metrics.redis_errors.inc();
-            tracing::warn!(error = %e, "Redis write failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+        if b.redis_done.await.is_err() {
+            anyhow::bail!("the Redis writer stopped");
         }
         let mut tpl = TopicPartitionList::new();
         for (p, next) in &b.offsets {
@@ -402,10 +428,11 @@ pub async fn run(
         rx,
         consumer.clone(),
         producer.clone(),
-        redis,
         metrics.clone(),
         in_topic.clone(),
     ));
+    let (redis_tx, redis_rx) = mpsc::channel::<RedisJob>(cfg.processing.max_in_flight_batches);
+    tokio::spawn(redis_loop(redis_rx, redis, metrics.clone()));
     let mut stage = Stage {
         limits: Limits {
             max_message_bytes: cfg.processing.max_message_bytes,
@@ -418,6 +445,7 @@ pub async fn run(
         producer: producer.clone(),
         scores_topic,
         dead_topic,
+        redis_tx,
         cfg,
     };
     health.running.store(true, Ordering::Relaxed);

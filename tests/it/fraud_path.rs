@@ -38,6 +38,15 @@ fn every_valid_event_scored_once_bad_ones_dead_lettered_and_counted() {
             records.push((t.user_id.clone(), raw));
         }
     }
+    // Ten minutes older than its partition's newest event: beyond the 5 min
+    // grace, so scored and marked late, not folded into the windows.
+    let mut late = txns.last().unwrap().clone();
+    late.txn_id = "late-one".into();
+    late.event_time -= 600_000;
+    records.push((late.user_id.clone(), serde_json::to_vec(&late).unwrap()));
+    let mut txns = txns;
+    txns.push(late);
+    let n = txns.len();
     // A message with no payload at all.
     records.push(("tombstone".into(), Vec::new()));
     bad.push(Vec::new());
@@ -51,7 +60,7 @@ fn every_valid_event_scored_once_bad_ones_dead_lettered_and_counted() {
         &env.topic("fraud-scores"),
         Duration::from_secs(120),
         Duration::from_secs(2),
-        |r| r.len() >= N,
+        |r| r.len() >= n,
         || run.log_text(),
     );
     let counts = key_counts(&scores);
@@ -71,6 +80,7 @@ fn every_valid_event_scored_once_bad_ones_dead_lettered_and_counted() {
         assert_eq!(v["decision"] == "flag", s >= 0.5);
         assert_eq!(v["txn_id"].as_str(), r.key.as_deref());
         assert_eq!(v["model_version"], "fraud-lr-2026-11-25-s7");
+        assert_eq!(v["late"], v["txn_id"] == "late-one", "{v}");
         flagged += usize::from(v["decision"] == "flag");
     }
     // The model separates: some flagged, far fewer than all.
@@ -129,7 +139,7 @@ fn every_valid_event_scored_once_bad_ones_dead_lettered_and_counted() {
         ttls.iter().all(|t| (1..=3600).contains(t)),
         "TTL must be set (1h)"
     );
-    let last = txns.last().unwrap();
+    let last = &txns[N - 1];
     let latest: String = redis::cmd("GET")
         .arg(format!(
             "{}fraud:user:{}:latest",
@@ -152,19 +162,20 @@ fn every_valid_event_scored_once_bad_ones_dead_lettered_and_counted() {
         || {
             let t = scrape(&env.metrics_url())?;
             let keys = metric(&t, "streamscore_window_keys{store=\"user\"}")?;
-            (metric(&t, "streamscore_events_scored_total")? >= N as f64 && keys > 0.0).then_some(t)
+            (metric(&t, "streamscore_events_scored_total")? >= n as f64 && keys > 0.0).then_some(t)
         },
     );
+    assert_eq!(metric(&text, "streamscore_late_events_total"), Some(1.0));
     assert_eq!(
         metric(&text, "streamscore_events_scored_total"),
-        Some(N as f64)
+        Some(n as f64)
     );
     assert_eq!(
         metric(
             &text,
             "streamscore_events_consumed_total{topic=\"transactions\"}"
         ),
-        Some((N + bad.len()) as f64)
+        Some((n + bad.len()) as f64)
     );
     assert_eq!(
         metric_sum(&text, "streamscore_dead_letter_total"),
@@ -176,7 +187,7 @@ fn every_valid_event_scored_once_bad_ones_dead_lettered_and_counted() {
     );
     assert_eq!(
         metric(&text, "streamscore_event_to_score_latency_seconds_count"),
-        Some(N as f64)
+        Some(n as f64)
     );
     assert_eq!(
         metric(

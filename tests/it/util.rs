@@ -357,7 +357,11 @@ pub fn scrape(url: &str) -> Option<String> {
     let (host, path) = addr.split_once('/').unwrap_or((addr, ""));
     let mut s = std::net::TcpStream::connect(host).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     std::io::Read::read_to_string(&mut s, &mut buf).ok()?;
     let (head, body) = buf.split_once("\r\n\r\n")?;

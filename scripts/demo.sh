@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The demo: installs what is missing, starts a local broker (tansu) and
+# redis-server on free loopback ports, creates the topics, starts
+# `streamscore run`, produces generated transactions (with some malformed
+# ones), and shows scores arriving plus a few Redis keys. Ctrl-C stops
+# everything it started.
+#
+#   scripts/demo.sh [RATE]      (default 200 transactions/s)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+RATE=${1:-200}
+
+ensure_build_deps
+ensure_redis
+ensure_tansu
+apt_install curl
+log "building streamscore (release)"
+cargo build --release --quiet
+BIN=$PWD/target/release/streamscore
+
+RUN_DIR=$PWD/.run/demo
+rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
+cleanup() {
+  trap - INT TERM EXIT
+  log "stopping"
+  [ -n "${GEN_PID:-}" ] && kill "$GEN_PID" 2>/dev/null || true
+  if [ -n "${RUN_PID:-}" ]; then
+    kill -TERM "$RUN_PID" 2>/dev/null || true
+    wait "$RUN_PID" 2>/dev/null || true
+  fi
+  stop_started
+}
+trap cleanup INT TERM EXIT
+
+start_tansu "$RUN_DIR/tansu"
+start_redis "$RUN_DIR/redis"
+HTTP_PORT=$(free_port)
+cat >"$RUN_DIR/streamscore.toml" <<TOML
+[kafka]
+brokers = "127.0.0.1:$TANSU_PORT"
+[redis]
+url = "redis://127.0.0.1:$REDIS_PORT"
+[http]
+bind = "127.0.0.1:$HTTP_PORT"
+TOML
+export STREAMSCORE_CONFIG=$RUN_DIR/streamscore.toml
+
+"$BIN" topics apply
+"$BIN" run 2>"$RUN_DIR/run.log" &
+RUN_PID=$!
+for _ in $(seq 100); do
+  curl -fs "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null 2>&1 && break
+  kill -0 "$RUN_PID" 2>/dev/null || { cat "$RUN_DIR/run.log"; die "streamscore run exited"; }
+  sleep 0.2
+done
+log "streamscore run is up: metrics at http://127.0.0.1:$HTTP_PORT/metrics, log in $RUN_DIR/run.log"
+
+# Traffic shaped like the model's training stream (see models/MODEL_CARD.md),
+# one malformed message in 500 (they go to the dead-letter topic).
+"$BIN" generate --rate "$RATE" --users 1000000 --merchants 40000 --malformed-every 500 \
+  2>"$RUN_DIR/generate.log" &
+GEN_PID=$!
+
+(
+  sleep 8
+  echo
+  echo "---- a few Redis keys (redis-cli -p $REDIS_PORT) ----"
+  key=$(redis-cli -p "$REDIS_PORT" --scan --pattern 'fraud:txn:*' | head -1)
+  redis-cli -p "$REDIS_PORT" --scan --pattern 'fraud:*' | head -4
+  echo "GET $key"
+  redis-cli -p "$REDIS_PORT" GET "$key" | cut -c1-400
+  echo "TTL $key = $(redis-cli -p "$REDIS_PORT" TTL "$key") s"
+  echo "dead-lettered so far: $(curl -s "http://127.0.0.1:$HTTP_PORT/metrics" | awk '/^streamscore_dead_letter_total/ {s+=$2} END {print s+0}')"
+  echo "-----------------------------------------------------"
+  echo
+) &
+
+log "live summary of fraud-scores (Ctrl-C stops everything)"
+"$BIN" watch || true
