@@ -29,6 +29,7 @@ cleanup() {
   if [ -n "${RUN_PID:-}" ]; then
     kill -TERM "$RUN_PID" 2>/dev/null || true
     wait "$RUN_PID" 2>/dev/null || true
+    grep -E "stopped|ERROR" "$RUN_DIR/run.log" | tail -1 >&2
   fi
   stop_started
 }
@@ -48,7 +49,8 @@ TOML
 export STREAMSCORE_CONFIG=$RUN_DIR/streamscore.toml
 
 "$BIN" topics apply
-"$BIN" run 2>"$RUN_DIR/run.log" &
+# Own sessions: Ctrl-C reaches `watch` only; cleanup stops these in order.
+setsid "$BIN" run 2>"$RUN_DIR/run.log" &
 RUN_PID=$!
 for _ in $(seq 100); do
   curl -fs "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null 2>&1 && break
@@ -59,11 +61,12 @@ log "streamscore run is up: metrics at http://127.0.0.1:$HTTP_PORT/metrics, log 
 
 # Traffic shaped like the model's training stream (see models/MODEL_CARD.md),
 # one malformed message in 500 (they go to the dead-letter topic).
-"$BIN" generate --rate "$RATE" --users 1000000 --merchants 40000 --malformed-every 500 \
+setsid "$BIN" generate --rate "$RATE" --users 1000000 --merchants 40000 --malformed-every 500 \
   2>"$RUN_DIR/generate.log" &
 GEN_PID=$!
 
 (
+  set +e +o pipefail # `head` closing a pipe is not an error here
   sleep 8
   echo
   echo "---- a few Redis keys (redis-cli -p $REDIS_PORT) ----"

@@ -71,7 +71,9 @@ start_tansu() {
   mkdir -p "$dir"
   TANSU_PORT=$(free_port)
   if [ "$engine" = sqlite ]; then storage="sqlite://tansu.db"; else storage="memory://tansu/"; fi
-  (cd "$dir" && exec "$TANSU_BIN" broker \
+  # Own session: a Ctrl-C in the terminal must not stop the broker before the
+  # processor has drained and committed; stop_started stops it afterwards.
+  (cd "$dir" && exec setsid "$TANSU_BIN" broker \
     --listener-url "tcp://127.0.0.1:$TANSU_PORT" \
     --advertised-listener-url "tcp://127.0.0.1:$TANSU_PORT" \
     --storage-engine "$storage" >"$dir/tansu.log" 2>&1) &
@@ -85,7 +87,7 @@ start_redis() {
   local dir=$1
   mkdir -p "$dir"
   REDIS_PORT=$(free_port)
-  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+  setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
     --dir "$dir" --logfile "$dir/redis.log" --daemonize no &
   SS_PIDS+=($!)
   wait_port "$REDIS_PORT" 15 "redis-server (log: $dir/redis.log)"

@@ -1,7 +1,7 @@
 //! `streamscore generate`: synthetic transactions (and interactions) with
 //! labelled fraud patterns, deterministic for a given `--seed`.
 //!
-//! Normal traffic: users (popularity-skewed) pay mostly at a few favourite
+//! Normal traffic: users (activity-weighted) pay mostly at a few favourite
 //! merchants, from their own device and home country, amounts log-normal
 //! around a per-user typical amount; a little honest noise (travel, a new
 //! phone) keeps the flags from being perfect labels.
@@ -66,6 +66,38 @@ impl Rng {
     }
 }
 
+/// Sampling proportional to fixed log-normal weights (σ = 1): a heavy tail
+/// of busy users and merchants whose *per-key rate* does not depend on how
+/// many keys there are (a power-law index would give the top key a share
+/// that shrinks only as N^-1/3, so scaling users up would not scale the
+/// busiest users' rates down, and their window counts would drift away from
+/// the training stream's).
+#[derive(Debug, Clone)]
+pub struct Weighted {
+    cumulative: Vec<f64>,
+}
+
+impl Weighted {
+    pub fn new(rng: &mut Rng, n: usize) -> Self {
+        let mut acc = 0.0;
+        let cumulative = (0..n.max(1))
+            .map(|_| {
+                acc += rng.normal().exp();
+                acc
+            })
+            .collect();
+        Weighted { cumulative }
+    }
+
+    pub fn sample(&self, rng: &mut Rng) -> usize {
+        let total = self.cumulative.last().copied().unwrap_or(0.0);
+        let x = rng.f64() * total;
+        self.cumulative
+            .partition_point(|c| *c <= x)
+            .min(self.cumulative.len() - 1)
+    }
+}
+
 const COUNTRIES: [&str; 12] = [
     "FR", "DE", "ES", "IT", "NL", "BE", "PT", "IE", "US", "BR", "NG", "VN",
 ];
@@ -99,6 +131,8 @@ pub struct TxnGenerator {
     rng: Rng,
     opts: GenOptions,
     users: Vec<User>,
+    user_weights: Weighted,
+    merchant_weights: Weighted,
     merchant_typical: Vec<f64>,
     clock: i64,
     seq: u64,
@@ -118,13 +152,15 @@ struct PendingTxn {
 impl TxnGenerator {
     pub fn new(opts: GenOptions) -> Self {
         let mut rng = Rng::new(opts.seed);
+        let user_weights = Weighted::new(&mut rng, opts.users);
+        let merchant_weights = Weighted::new(&mut rng, opts.merchants);
         let users = (0..opts.users.max(1))
             .map(|_| User {
                 country: rng.below(HOME_COUNTRIES),
                 typical: (3.0 + 0.8 * rng.normal()).exp().clamp(2.0, 2_000.0),
                 favourites: [
-                    rng.skewed(opts.merchants.max(1)),
-                    rng.skewed(opts.merchants.max(1)),
+                    merchant_weights.sample(&mut rng),
+                    merchant_weights.sample(&mut rng),
                     rng.below(opts.merchants.max(1)),
                 ],
                 devices: 1,
@@ -137,6 +173,8 @@ impl TxnGenerator {
             clock: opts.start_ms,
             rng,
             users,
+            user_weights,
+            merchant_weights,
             merchant_typical,
             seq: 0,
             pending: BinaryHeap::new(),
@@ -219,12 +257,11 @@ impl TxnGenerator {
     }
 
     fn normal_txn(&mut self) -> PendingTxn {
-        let u = self.rng.skewed(self.users.len());
-        let merchants = self.merchant_typical.len();
+        let u = self.user_weights.sample(&mut self.rng);
         let merchant = if self.rng.chance(0.7) {
             self.users[u].favourites[self.rng.below(3)]
         } else {
-            self.rng.skewed(merchants)
+            self.merchant_weights.sample(&mut self.rng)
         };
         let user = &mut self.users[u];
         if self.rng.chance(0.002) {
@@ -392,6 +429,25 @@ mod tests {
             .filter(|t| t.fraud_pattern.as_deref() == Some("card_testing"))
             .collect();
         assert!(card.iter().all(|t| t.amount <= 5.0));
+    }
+
+    #[test]
+    fn busiest_user_rate_does_not_grow_with_the_user_count() {
+        // The top user's share must fall roughly like 1/N, so the same
+        // per-user traffic is had with N users at rate R and 20N at 20R.
+        let share = |users: usize| {
+            let mut rng = Rng::new(1);
+            let w = Weighted::new(&mut rng, users);
+            let mut hits = vec![0u32; users];
+            for _ in 0..200_000 {
+                hits[w.sample(&mut rng)] += 1;
+            }
+            f64::from(*hits.iter().max().unwrap()) / 200_000.0
+        };
+        let small = share(5_000);
+        let large = share(100_000);
+        assert!(small < 0.01, "top user share {small}");
+        assert!(large * 5.0 < small, "{large} vs {small}");
     }
 
     #[test]

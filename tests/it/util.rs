@@ -409,3 +409,12 @@ pub fn schema(name: &str) -> jsonschema::Validator {
 pub fn schema_errors(v: &jsonschema::Validator, instance: &serde_json::Value) -> Vec<String> {
     v.iter_errors(instance).map(|e| e.to_string()).collect()
 }
+
+/// The version the shipped model's signature declares.
+pub fn model_version() -> String {
+    let sig: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("models/fraud.json")).expect("models/fraud.json"),
+    )
+    .expect("signature is JSON");
+    sig["version"].as_str().expect("version").to_string()
+}
