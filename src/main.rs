@@ -42,9 +42,7 @@ fn spawn_signal_handler(token: CancellationToken) {
                 _ = term.recv() => {},
             }
             if n == 0 {
-                tracing::info!(
-                    "shutting down: draining in-flight events (signal again to exit at once)"
-                );
+                tracing::info!("shutting down (signal again to exit at once)");
                 token.cancel();
             } else {
                 tracing::warn!("second signal: exiting without draining");

@@ -354,9 +354,7 @@ impl FeatureEngine {
     /// The features of `t` as of its event time, from the current state,
     /// without changing anything (synchronous scoring uses this).
     pub fn features(&self, t: &Transaction) -> Features {
-        let mut out = [0f32; N_FEATURES];
-        out[0] = t.amount as f32;
-        out[1] = t.amount.ln_1p() as f32;
+        let mut out = Self::event_features(t);
         {
             let u = self.users.get(&t.user_id);
             self.user_features(u.as_deref(), t, &mut out);
@@ -368,55 +366,91 @@ impl FeatureEngine {
         Features(out)
     }
 
+    fn event_features(t: &Transaction) -> [f32; N_FEATURES] {
+        let mut out = [0f32; N_FEATURES];
+        out[0] = t.amount as f32;
+        out[1] = t.amount.ln_1p() as f32;
+        out
+    }
+
+    fn user_entry(&self, t: &Transaction) -> dashmap::mapref::one::RefMut<'_, String, UserState> {
+        match self.users.get_mut(&t.user_id) {
+            Some(u) => u,
+            None => self
+                .users
+                .entry(t.user_id.clone())
+                .or_insert_with(|| UserState::new(&self.spec)),
+        }
+    }
+
+    fn merchant_entry(
+        &self,
+        t: &Transaction,
+    ) -> dashmap::mapref::one::RefMut<'_, String, MerchantState> {
+        match self.merchants.get_mut(&t.merchant_id) {
+            Some(m) => m,
+            None => self
+                .merchants
+                .entry(t.merchant_id.clone())
+                .or_insert_with(|| MerchantState::new(&self.spec)),
+        }
+    }
+
+    fn fold_user(&self, u: &mut UserState, t: &Transaction) {
+        let s = &self.spec;
+        let (ts, amount) = (t.event_time, t.amount as f32);
+        u.minute.add(ts.div_euclid(s.minute_bucket_ms), amount);
+        u.hour.add(ts.div_euclid(s.hour_bucket_ms), amount);
+        u.day.add(ts.div_euclid(s.day_bucket_ms), amount);
+        u.merchants_hour
+            .add(ts.div_euclid(s.hour_bucket_ms), stable_hash(&t.merchant_id));
+        u.last_event_time = u.last_event_time.max(ts);
+        u.amounts.push(t.amount);
+        u.devices.touch(stable_hash(&t.device_id), ts, MAX_DEVICES);
+        u.countries
+            .touch(stable_hash(&t.country), ts, MAX_COUNTRIES);
+    }
+
+    fn fold_merchant(&self, m: &mut MerchantState, t: &Transaction) {
+        let s = &self.spec;
+        let (ts, amount) = (t.event_time, t.amount as f32);
+        m.hour.add(ts.div_euclid(s.hour_bucket_ms), amount);
+        m.day.add(ts.div_euclid(s.day_bucket_ms), amount);
+        m.users_hour
+            .add(ts.div_euclid(s.hour_bucket_ms), stable_hash(&t.user_id));
+        m.last_event_time = m.last_event_time.max(ts);
+    }
+
     /// Folds `t` into the state of its user and merchant.
     pub fn update(&self, t: &Transaction) {
-        let s = self.spec;
-        let ts = t.event_time;
-        let amount = t.amount as f32;
-        {
-            let mut u = match self.users.get_mut(&t.user_id) {
-                Some(u) => u,
-                None => self
-                    .users
-                    .entry(t.user_id.clone())
-                    .or_insert_with(|| UserState::new(&s)),
-            };
-            u.minute.add(ts.div_euclid(s.minute_bucket_ms), amount);
-            u.hour.add(ts.div_euclid(s.hour_bucket_ms), amount);
-            u.day.add(ts.div_euclid(s.day_bucket_ms), amount);
-            u.merchants_hour
-                .add(ts.div_euclid(s.hour_bucket_ms), stable_hash(&t.merchant_id));
-            u.last_event_time = u.last_event_time.max(ts);
-            u.amounts.push(t.amount);
-            u.devices.touch(stable_hash(&t.device_id), ts, MAX_DEVICES);
-            u.countries
-                .touch(stable_hash(&t.country), ts, MAX_COUNTRIES);
-        }
-        {
-            let mut m = match self.merchants.get_mut(&t.merchant_id) {
-                Some(m) => m,
-                None => self
-                    .merchants
-                    .entry(t.merchant_id.clone())
-                    .or_insert_with(|| MerchantState::new(&s)),
-            };
-            m.hour.add(ts.div_euclid(s.hour_bucket_ms), amount);
-            m.day.add(ts.div_euclid(s.day_bucket_ms), amount);
-            m.users_hour
-                .add(ts.div_euclid(s.hour_bucket_ms), stable_hash(&t.user_id));
-            m.last_event_time = m.last_event_time.max(ts);
-        }
-        self.max_event_time.fetch_max(ts, Ordering::Relaxed);
+        self.fold_user(&mut self.user_entry(t), t);
+        self.fold_merchant(&mut self.merchant_entry(t), t);
+        self.max_event_time
+            .fetch_max(t.event_time, Ordering::Relaxed);
     }
 
     /// Point-in-time features of `t`, then (when `update`) `t` folded into
     /// the state. `update` is false for events later than the grace period.
+    /// One map lookup per store: features and update happen under the same
+    /// entry lock (a fresh entry gives the same features as no entry).
     pub fn process(&self, t: &Transaction, update: bool) -> Features {
-        let f = self.features(t);
-        if update {
-            self.update(t);
+        if !update {
+            return self.features(t);
         }
-        f
+        let mut out = Self::event_features(t);
+        {
+            let mut u = self.user_entry(t);
+            self.user_features(Some(&*u), t, &mut out);
+            self.fold_user(&mut u, t);
+        }
+        {
+            let mut m = self.merchant_entry(t);
+            self.merchant_features(Some(&*m), t, &mut out);
+            self.fold_merchant(&mut m, t);
+        }
+        self.max_event_time
+            .fetch_max(t.event_time, Ordering::Relaxed);
+        Features(out)
     }
 
     /// Newest event time folded into the state, if any.
@@ -522,6 +556,26 @@ mod tests {
         assert!((f(&c, "user_amount_std") - 14.142_136).abs() < 1e-4);
         assert_eq!(f(&c, "user_distinct_merchants_1h"), 1.0);
         assert_eq!(f(&c, "merchant_txn_count_1h"), 0.0, "m2 is new");
+    }
+
+    #[test]
+    fn process_equals_features_then_update() {
+        let a = FeatureEngine::new(spec());
+        let b = FeatureEngine::new(spec());
+        let gen = crate::generate::TxnGenerator::new(crate::generate::GenOptions {
+            seed: 4,
+            users: 50,
+            merchants: 10,
+            fraud_rate: 0.05,
+            mean_gap_ms: 2_000.0,
+            start_ms: T0,
+        });
+        for t in gen.take(5_000) {
+            let fa = a.process(&t, true);
+            let fb = b.features(&t);
+            b.update(&t);
+            assert_eq!(fa, fb, "{t:?}");
+        }
     }
 
     #[test]

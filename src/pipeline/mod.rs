@@ -67,9 +67,10 @@ type Consumer_ = StreamConsumer<LoggingContext>;
 
 /// A record enqueued to Kafka, kept until acknowledged so it can be re-sent.
 struct OutRecord {
-    topic: String,
+    topic: Arc<str>,
     key: Vec<u8>,
-    payload: Vec<u8>,
+    /// Shared with the Redis entry of the same score (one serialisation).
+    payload: Arc<[u8]>,
 }
 
 /// A batch whose outputs are on their way.
@@ -110,9 +111,11 @@ struct Stage {
     model: FraudModel,
     metrics: Metrics,
     producer: FutureProducer,
-    scores_topic: String,
-    dead_topic: String,
+    scores_topic: Arc<str>,
+    dead_topic: Arc<str>,
     lateness: Lateness,
+    /// `events_consumed{topic="transactions"}`, resolved once.
+    consumed: prometheus::IntCounter,
     /// Redis writes, in batch order, to the Redis task.
     redis_tx: mpsc::Sender<RedisJob>,
 }
@@ -139,10 +142,7 @@ impl Stage {
             partition: m.partition(),
             offset: m.offset(),
         };
-        self.metrics
-            .events_consumed
-            .with_label_values(&[topics::TRANSACTIONS])
-            .inc();
+        self.consumed.inc();
         let next = offsets.entry(source.partition).or_insert(0);
         *next = (*next).max(source.offset + 1);
         let raw = m.payload().unwrap_or_default();
@@ -211,7 +211,7 @@ impl Stage {
         };
         let scored_at = now_ms();
         let version = self.model.version();
-        for (s, score) in accepted.iter().zip(scores) {
+        for (s, score) in accepted.into_iter().zip(scores) {
             let out = FraudScore::new(
                 &s.txn,
                 score,
@@ -225,23 +225,25 @@ impl Stage {
             if out.decision == Decision::Flag {
                 batch.flagged += 1;
             }
-            let json = serde_json::to_string(&out).context("serialising a score")?;
+            let mut buf = Vec::with_capacity(1024);
+            serde_json::to_writer(&mut buf, &out).context("serialising a score")?;
+            let json: Arc<[u8]> = buf.into();
             let rec = OutRecord {
                 topic: self.scores_topic.clone(),
                 key: s.txn.txn_id.as_bytes().to_vec(),
-                payload: json.clone().into_bytes(),
+                payload: json.clone(),
             };
             let fut = produce::enqueue(&self.producer, &rec.topic, &rec.key, &rec.payload, None)
                 .await
                 .with_context(|| format!("producing to {}", self.scores_topic))?;
             batch.deliveries.push((fut, rec));
-            redis_entries.push(ScoreEntry {
-                txn_id: s.txn.txn_id.clone(),
-                user_id: s.txn.user_id.clone(),
-                json,
-            });
             batch.event_times.push(s.txn.event_time);
             batch.newest_event_time = batch.newest_event_time.max(s.txn.event_time);
+            redis_entries.push(ScoreEntry {
+                txn_id: s.txn.txn_id,
+                user_id: s.txn.user_id,
+                json,
+            });
         }
         for r in &rejected {
             let (rej, source) = (&r.rejection, &r.source);
@@ -251,7 +253,9 @@ impl Stage {
             let rec = OutRecord {
                 topic: self.dead_topic.clone(),
                 key: dl.key().into_bytes(),
-                payload: serde_json::to_vec(&dl).context("serialising a dead letter")?,
+                payload: serde_json::to_vec(&dl)
+                    .context("serialising a dead letter")?
+                    .into(),
             };
             let fut = produce::enqueue(&self.producer, &rec.topic, &rec.key, &rec.payload, None)
                 .await
@@ -443,8 +447,11 @@ pub async fn run(
         model,
         metrics: metrics.clone(),
         producer: producer.clone(),
-        scores_topic,
-        dead_topic,
+        scores_topic: scores_topic.into(),
+        dead_topic: dead_topic.into(),
+        consumed: metrics
+            .events_consumed
+            .with_label_values(&[topics::TRANSACTIONS]),
         redis_tx,
         cfg,
     };
@@ -519,7 +526,18 @@ async fn consume_loop(
         }
         let deadline = tokio::time::Instant::now() + wait;
         while accepted.len() + rejected.len() < max {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            // A message already waiting is taken without arming a timer
+            // (recv is cancel-safe); only an empty queue waits for the deadline.
+            let ready = tokio::select! {
+                biased;
+                m = consumer.recv() => Some(m),
+                _ = std::future::ready(()) => None,
+            };
+            let next = match ready {
+                Some(m) => Ok(m),
+                None => tokio::time::timeout_at(deadline, consumer.recv()).await,
+            };
+            match next {
                 Ok(Ok(m)) => stage.take(&m, &mut accepted, &mut rejected, &mut offsets),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "Kafka consumer error; continuing");

@@ -26,7 +26,8 @@ pub fn user_latest_key(prefix: &str, user_id: &str) -> String {
 pub struct ScoreEntry {
     pub txn_id: String,
     pub user_id: String,
-    pub json: String,
+    /// The score JSON (shared with the Kafka record).
+    pub json: std::sync::Arc<[u8]>,
 }
 
 /// Pipelined writer of fraud scores.
@@ -74,13 +75,13 @@ impl RedisSink {
         for e in entries {
             pipe.cmd("SET")
                 .arg(txn_key(&self.prefix, &e.txn_id))
-                .arg(&e.json)
+                .arg(&*e.json)
                 .arg("EX")
                 .arg(self.ttl_secs)
                 .ignore();
             pipe.cmd("SET")
                 .arg(user_latest_key(&self.prefix, &e.user_id))
-                .arg(&e.json)
+                .arg(&*e.json)
                 .arg("EX")
                 .arg(self.ttl_secs)
                 .ignore();
