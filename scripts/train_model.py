@@ -24,6 +24,7 @@ Needs: pip install scikit-learn numpy onnx
 import argparse
 import csv
 import datetime
+import hashlib
 import json
 import os
 import subprocess
@@ -129,7 +130,10 @@ def main():
     onnx.save(model, os.path.join(a.out, "fraud.onnx"))
 
     today = datetime.date.today().isoformat()
-    version = f"fraud-lr-{today}-s{a.seed}"
+    # The feature set is part of the version: a model trained on other
+    # features is another model.
+    fset = hashlib.sha256(",".join(names).encode()).hexdigest()[:8]
+    version = f"fraud-lr-{today}-s{a.seed}-f{fset}"
     training = {
         "algorithm": "logistic regression (scikit-learn), scaler folded into weights",
         "rows": int(len(y)), "train_rows": int(n_train), "test_rows": int(len(yte)),

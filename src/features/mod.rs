@@ -34,9 +34,9 @@ pub const FEATURE_NAMES: [&str; N_FEATURES] = [
     "user_amount_sum_24h",
     "user_distinct_merchants_1h",
     "user_seconds_since_last_txn",
-    "user_amount_mean",
-    "user_amount_std",
-    "user_amount_zscore",
+    "user_amount_mean_24h",
+    "user_amount_std_24h",
+    "user_amount_zscore_24h",
     "user_new_device",
     "user_new_country",
     "merchant_txn_count_1h",
@@ -109,30 +109,6 @@ impl WindowSpec {
     }
 }
 
-/// Running mean and variance (Welford).
-#[derive(Debug, Clone, Copy, Default)]
-struct Welford {
-    n: u64,
-    mean: f64,
-    m2: f64,
-}
-
-impl Welford {
-    fn push(&mut self, x: f64) {
-        self.n += 1;
-        let d = x - self.mean;
-        self.mean += d / self.n as f64;
-        self.m2 += d * (x - self.mean);
-    }
-    fn std(&self) -> f64 {
-        if self.n < 2 {
-            0.0
-        } else {
-            (self.m2 / (self.n - 1) as f64).sqrt()
-        }
-    }
-}
-
 /// A small set of recently seen hashed values with their last-seen time.
 #[derive(Debug, Clone, Default)]
 struct RecentSet {
@@ -140,11 +116,13 @@ struct RecentSet {
 }
 
 impl RecentSet {
-    fn contains(&self, h: u64) -> bool {
-        self.items.iter().any(|(x, _)| *x == h)
+    /// Whether `h` was seen at or after `since`.
+    fn seen_since(&self, h: u64, since: i64) -> bool {
+        self.items.iter().any(|(x, t)| *x == h && *t >= since)
     }
-    fn is_empty(&self) -> bool {
-        self.items.is_empty()
+    /// Whether anything was seen at or after `since`.
+    fn any_since(&self, since: i64) -> bool {
+        self.items.iter().any(|(_, t)| *t >= since)
     }
     fn touch(&mut self, h: u64, at: i64, cap: usize) {
         if let Some(e) = self.items.iter_mut().find(|(x, _)| *x == h) {
@@ -173,9 +151,10 @@ pub struct UserState {
     minute: SumWindow,
     hour: SumWindow,
     day: SumWindow,
+    /// Squared amounts over 24 h, for the deviation.
+    day_sq: SumWindow,
     merchants_hour: DistinctWindow,
     last_event_time: i64,
-    amounts: Welford,
     devices: RecentSet,
     countries: RecentSet,
 }
@@ -186,9 +165,9 @@ impl UserState {
             minute: SumWindow::new(spec.minute_n()),
             hour: SumWindow::new(spec.hour_n()),
             day: SumWindow::new(spec.day_n()),
+            day_sq: SumWindow::new(spec.day_n()),
             merchants_hour: DistinctWindow::new(spec.hour_n()),
             last_event_time: i64::MIN,
-            amounts: Welford::default(),
             devices: RecentSet::default(),
             countries: RecentSet::default(),
         }
@@ -198,6 +177,7 @@ impl UserState {
         self.minute.heap_bytes()
             + self.hour.heap_bytes()
             + self.day.heap_bytes()
+            + self.day_sq.heap_bytes()
             + self.merchants_hour.heap_bytes()
             + (self.devices.items.capacity() + self.countries.items.capacity()) * 16
     }
@@ -319,18 +299,37 @@ impl FeatureEngine {
         } else {
             (((t.event_time - u.last_event_time).max(0)) as f32 / 1000.0).min(NO_PREVIOUS_SECONDS)
         };
-        let std = u.amounts.std();
-        out[10] = u.amounts.mean as f32;
-        out[11] = std as f32;
-        out[12] = if u.amounts.n >= 2 && std > 1e-9 {
-            ((amount - u.amounts.mean) / std).clamp(-50.0, 50.0) as f32
+        // Amount statistics over the same 24 h window (so a replay of the
+        // window horizon rebuilds them exactly).
+        let db = t.event_time.div_euclid(s.day_bucket_ms);
+        let sq = u.day_sq.query(db);
+        let n = f64::from(d.count);
+        let mean = if d.count > 0 {
+            f64::from(d.sum) / n
         } else {
             0.0
         };
-        out[13] =
-            f32::from(!u.devices.is_empty() && !u.devices.contains(stable_hash(&t.device_id)));
-        out[14] =
-            f32::from(!u.countries.is_empty() && !u.countries.contains(stable_hash(&t.country)));
+        let std = if d.count >= 2 {
+            ((f64::from(sq.sum) - n * mean * mean) / (n - 1.0))
+                .max(0.0)
+                .sqrt()
+        } else {
+            0.0
+        };
+        out[10] = mean as f32;
+        out[11] = std as f32;
+        out[12] = if d.count >= 2 && std > 1e-6 {
+            ((amount - mean) / std).clamp(-50.0, 50.0) as f32
+        } else {
+            0.0
+        };
+        let since = t.event_time - LONGEST_HORIZON_MS;
+        out[13] = f32::from(
+            u.devices.any_since(since) && !u.devices.seen_since(stable_hash(&t.device_id), since),
+        );
+        out[14] = f32::from(
+            u.countries.any_since(since) && !u.countries.seen_since(stable_hash(&t.country), since),
+        );
     }
 
     fn merchant_features(
@@ -402,10 +401,11 @@ impl FeatureEngine {
         u.minute.add(ts.div_euclid(s.minute_bucket_ms), amount);
         u.hour.add(ts.div_euclid(s.hour_bucket_ms), amount);
         u.day.add(ts.div_euclid(s.day_bucket_ms), amount);
+        u.day_sq
+            .add(ts.div_euclid(s.day_bucket_ms), amount * amount);
         u.merchants_hour
             .add(ts.div_euclid(s.hour_bucket_ms), stable_hash(&t.merchant_id));
         u.last_event_time = u.last_event_time.max(ts);
-        u.amounts.push(t.amount);
         u.devices.touch(stable_hash(&t.device_id), ts, MAX_DEVICES);
         u.countries
             .touch(stable_hash(&t.country), ts, MAX_COUNTRIES);
@@ -552,8 +552,8 @@ mod tests {
         let c = e.process(&txn(3, "u", "m2", 20.0, T0 + 40_000), true);
         assert_eq!(f(&c, "user_txn_count_1m"), 2.0);
         assert_eq!(f(&c, "user_amount_sum_1m"), 40.0);
-        assert_eq!(f(&c, "user_amount_mean"), 20.0);
-        assert!((f(&c, "user_amount_std") - 14.142_136).abs() < 1e-4);
+        assert_eq!(f(&c, "user_amount_mean_24h"), 20.0);
+        assert!((f(&c, "user_amount_std_24h") - 14.142_136).abs() < 1e-4);
         assert_eq!(f(&c, "user_distinct_merchants_1h"), 1.0);
         assert_eq!(f(&c, "merchant_txn_count_1h"), 0.0, "m2 is new");
     }
@@ -644,6 +644,24 @@ mod tests {
         assert_eq!(f(&g, "user_new_country"), 1.0);
         let again = e.process(&t, true);
         assert_eq!(f(&again, "user_new_device"), 0.0);
+    }
+
+    #[test]
+    fn user_history_features_cover_only_the_24h_window() {
+        let e = FeatureEngine::new(spec());
+        e.process(&txn(1, "u", "m", 1_000.0, T0), true);
+        let mut t = txn(2, "u", "m", 10.0, T0 + 25 * 3_600_000);
+        t.device_id = "d2".into();
+        let g = e.process(&t, true);
+        // The day-old payment and device are outside the window: nothing is
+        // known, so nothing is new, and the mean ignores the 1,000.
+        assert_eq!(f(&g, "user_new_device"), 0.0);
+        assert_eq!(f(&g, "user_amount_mean_24h"), 0.0);
+        let mut t3 = txn(3, "u", "m", 30.0, T0 + 25 * 3_600_000 + 60_000);
+        t3.device_id = "d1".into();
+        let h = e.process(&t3, true);
+        assert_eq!(f(&h, "user_new_device"), 1.0, "d1 was last seen 25 h ago");
+        assert_eq!(f(&h, "user_amount_mean_24h"), 10.0);
     }
 
     #[test]
