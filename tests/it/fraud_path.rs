@@ -193,7 +193,7 @@ fn every_valid_event_scored_once_bad_ones_dead_lettered_and_counted() {
     assert_eq!(
         metric(
             &text,
-            "streamscore_model_info{version=\"fraud-lr-2026-11-25-s7\"}"
+            &format!("streamscore_model_info{{version=\"{version}\"}}")
         ),
         Some(1.0)
     );
