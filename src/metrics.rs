@@ -32,6 +32,9 @@ pub struct Metrics {
     pub redis_errors: IntCounter,
     pub kafka_produce_errors: IntCounter,
     pub newest_event_time: IntGauge,
+    pub warmup_events: IntCounter,
+    pub warmup_duration: Histogram,
+    pub resume_gap_events: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -160,6 +163,22 @@ impl Metrics {
                     .expect("metric registered once");
                 g
             },
+            warmup_events: counter(
+                &r,
+                "streamscore_warmup_replayed_events_total",
+                "Events replayed from the log to rebuild windows (nothing emitted).",
+            ),
+            warmup_duration: histogram(
+                &r,
+                "streamscore_warmup_duration_seconds",
+                "Time to rebuild one partition's windows from the log.",
+                exponential_buckets(0.01, 2.0, 16).expect("valid buckets"),
+            ),
+            resume_gap_events: counter(
+                &r,
+                "streamscore_resume_gap_events_total",
+                "Messages the broker skipped when a partition was resumed, recovered from the log and scored.",
+            ),
             registry: r,
         };
         for reason in Reason::ALL {

@@ -155,6 +155,9 @@ pub struct UserState {
     day_sq: SumWindow,
     merchants_hour: DistinctWindow,
     last_event_time: i64,
+    /// Input partition the user's events come from (-1: unknown), so the
+    /// keys of a revoked partition can be dropped.
+    partition: i32,
     devices: RecentSet,
     countries: RecentSet,
 }
@@ -168,6 +171,7 @@ impl UserState {
             day_sq: SumWindow::new(spec.day_n()),
             merchants_hour: DistinctWindow::new(spec.hour_n()),
             last_event_time: i64::MIN,
+            partition: -1,
             devices: RecentSet::default(),
             countries: RecentSet::default(),
         }
@@ -230,6 +234,11 @@ impl Lateness {
             grace_ms,
             newest: std::collections::HashMap::new(),
         }
+    }
+
+    /// Forgets a partition's clock (it was revoked).
+    pub fn forget(&mut self, partition: i32) {
+        self.newest.remove(&partition);
     }
 
     /// Observes an event of `partition` at `event_time`; true when it is late
@@ -423,17 +432,35 @@ impl FeatureEngine {
 
     /// Folds `t` into the state of its user and merchant.
     pub fn update(&self, t: &Transaction) {
-        self.fold_user(&mut self.user_entry(t), t);
-        self.fold_merchant(&mut self.merchant_entry(t), t);
+        self.update_from(-1, t, true);
+    }
+
+    /// Folds `t`, read from input `partition`, into its user's state and,
+    /// when `merchant` is true, its merchant's (a warm-up that replays a
+    /// partition already counted in the merchant windows passes false).
+    pub fn update_from(&self, partition: i32, t: &Transaction, merchant: bool) {
+        {
+            let mut u = self.user_entry(t);
+            u.partition = partition;
+            self.fold_user(&mut u, t);
+        }
+        if merchant {
+            self.fold_merchant(&mut self.merchant_entry(t), t);
+        }
         self.max_event_time
             .fetch_max(t.event_time, Ordering::Relaxed);
     }
 
     /// Point-in-time features of `t`, then (when `update`) `t` folded into
     /// the state. `update` is false for events later than the grace period.
+    pub fn process(&self, t: &Transaction, update: bool) -> Features {
+        self.process_from(-1, t, update)
+    }
+
+    /// [`FeatureEngine::process`] for an event read from input `partition`.
     /// One map lookup per store: features and update happen under the same
     /// entry lock (a fresh entry gives the same features as no entry).
-    pub fn process(&self, t: &Transaction, update: bool) -> Features {
+    pub fn process_from(&self, partition: i32, t: &Transaction, update: bool) -> Features {
         if !update {
             return self.features(t);
         }
@@ -441,6 +468,7 @@ impl FeatureEngine {
         {
             let mut u = self.user_entry(t);
             self.user_features(Some(&*u), t, &mut out);
+            u.partition = partition;
             self.fold_user(&mut u, t);
         }
         {
@@ -491,6 +519,15 @@ impl FeatureEngine {
         stats.user_keys = self.users.len();
         stats.merchant_keys = self.merchants.len();
         ((eu, em), stats)
+    }
+
+    /// Drops the users whose events come from `partition` (it was revoked:
+    /// their state will be rebuilt from the log if it comes back). Returns
+    /// how many were dropped.
+    pub fn drop_partition_users(&self, partition: i32) -> usize {
+        let before = self.users.len();
+        self.users.retain(|_, u| u.partition != partition);
+        before - self.users.len()
     }
 
     fn stats_only(&self) -> StoreStats {
@@ -662,6 +699,16 @@ mod tests {
         let h = e.process(&t3, true);
         assert_eq!(f(&h, "user_new_device"), 1.0, "d1 was last seen 25 h ago");
         assert_eq!(f(&h, "user_amount_mean_24h"), 10.0);
+    }
+
+    #[test]
+    fn users_of_a_revoked_partition_can_be_dropped() {
+        let e = FeatureEngine::new(spec());
+        e.process_from(0, &txn(1, "a", "m", 10.0, T0), true);
+        e.process_from(1, &txn(2, "b", "m", 10.0, T0), true);
+        e.update_from(1, &txn(3, "c", "m2", 10.0, T0), false);
+        assert_eq!(e.drop_partition_users(1), 2);
+        assert_eq!(e.key_counts(), (1, 1), "m2 was never folded in");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The HTTP side of `streamscore run`: `/metrics` (Prometheus text format)
-//! and `/healthz` (200 while the pipeline is consuming, 503 otherwise).
+//! The HTTP side of `streamscore run`: `/metrics` (Prometheus text format),
+//! `/healthz` (200 while the pipeline is consuming, 503 otherwise) and
+//! `/readyz` (also 503 while a partition's windows are rebuilt from the log).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -36,11 +37,25 @@ async fn healthz_handler(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
+async fn readyz_handler(State(s): State<AppState>) -> impl IntoResponse {
+    if !s.health.running.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "not consuming\n")
+    } else if s.health.warming.load(Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "rebuilding windows from the log\n",
+        )
+    } else {
+        (StatusCode::OK, "ready\n")
+    }
+}
+
 /// The router, separate from binding so tests can serve it anywhere.
 pub fn router(metrics: Metrics, health: Arc<Health>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz_handler))
+        .route("/readyz", get(readyz_handler))
         .with_state(AppState { metrics, health })
 }
 

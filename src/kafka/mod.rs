@@ -35,6 +35,9 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
 pub fn consumer_config(cfg: &KafkaConfig, group: &str, commit_interval_ms: u64) -> ClientConfig {
     let mut cc = base_config(cfg);
     cc.set("group.id", group);
+    if let Some(id) = &cfg.instance_id {
+        cc.set("group.instance.id", id);
+    }
     for (k, v) in &cfg.consumer {
         cc.set(k, v);
     }

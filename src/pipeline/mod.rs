@@ -17,10 +17,11 @@
 //! writes are retried, never dropped.
 
 pub mod output;
+pub mod warmup;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -42,28 +43,62 @@ use crate::sinks::redis::{RedisSink, ScoreEntry};
 use crate::topics;
 use output::{DeadLetter, Decision, FraudScore, SourcePosition};
 
-/// Shared liveness/readiness flags, read by `/healthz`.
+/// Shared liveness/readiness flags, read by `/healthz` and `/readyz`.
 #[derive(Debug, Default)]
 pub struct Health {
     /// Subscribed and processing.
     pub running: AtomicBool,
+    /// Rebuilding a partition's windows from the log.
+    pub warming: AtomicBool,
 }
 
-/// Logs partition assignment changes.
-pub struct LoggingContext;
+/// Logs partition assignment changes and tells the loop which partitions
+/// were revoked (their users are dropped and rebuilt if they come back).
+pub struct PipelineContext {
+    revoked: Arc<Mutex<Vec<i32>>>,
+}
 
-impl ClientContext for LoggingContext {}
+impl ClientContext for PipelineContext {}
 
-impl ConsumerContext for LoggingContext {
+/// The partitions of a list. rdkafka 0.36 builds a slice from the list's
+/// element pointer even when the list is empty (null), which a debug build
+/// of current Rust rejects with a panic: never touch the elements of an
+/// empty list.
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
+    if tpl.count() == 0 {
+        return Vec::new();
+    }
+    tpl.elements().iter().map(|e| e.partition()).collect()
+}
+
+fn describe(rebalance: &Rebalance<'_>) -> (&'static str, Vec<i32>) {
+    match rebalance {
+        Rebalance::Assign(tpl) => ("assign", partitions_of(tpl)),
+        Rebalance::Revoke(tpl) => ("revoke", partitions_of(tpl)),
+        Rebalance::Error(_) => ("error", Vec::new()),
+    }
+}
+
+impl ConsumerContext for PipelineContext {
     fn pre_rebalance(&self, rebalance: &Rebalance<'_>) {
-        tracing::info!(?rebalance, "rebalance: before");
+        let (kind, partitions) = describe(rebalance);
+        if let Rebalance::Error(e) = rebalance {
+            tracing::warn!(error = %e, "rebalance error");
+        }
+        tracing::info!(kind, ?partitions, "rebalance: before");
     }
     fn post_rebalance(&self, rebalance: &Rebalance<'_>) {
-        tracing::info!(?rebalance, "rebalance: after");
+        let (kind, partitions) = describe(rebalance);
+        tracing::info!(kind, ?partitions, "rebalance: after");
+        if let Rebalance::Revoke(_) = rebalance {
+            if let Ok(mut r) = self.revoked.lock() {
+                r.extend(partitions);
+            }
+        }
     }
 }
 
-type Consumer_ = StreamConsumer<LoggingContext>;
+type Consumer_ = StreamConsumer<PipelineContext>;
 
 /// A record enqueued to Kafka, kept until acknowledged so it can be re-sent.
 struct OutRecord {
@@ -95,6 +130,15 @@ struct Scored {
     source: SourcePosition,
 }
 
+/// One input message, from the stream or recovered from the log.
+struct Input<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    key: Option<&'a [u8]>,
+    payload: &'a [u8],
+}
+
 /// One rejected message, kept whole for its dead-letter record.
 struct Rejected {
     rejection: Rejection,
@@ -118,6 +162,13 @@ struct Stage {
     consumed: prometheus::IntCounter,
     /// Redis writes, in batch order, to the Redis task.
     redis_tx: mpsc::Sender<RedisJob>,
+    in_topic: String,
+    health: Arc<Health>,
+    /// Partitions whose windows were rebuilt since they were assigned.
+    warmed: HashSet<i32>,
+    /// Partitions whose events are already in the merchant windows.
+    ever_warmed: HashSet<i32>,
+    revoked: Arc<Mutex<Vec<i32>>>,
 }
 
 /// One batch's Redis entries and who to tell when they are written.
@@ -137,22 +188,39 @@ impl Stage {
         rejected: &mut Vec<Rejected>,
         offsets: &mut HashMap<i32, i64>,
     ) {
-        let source = SourcePosition {
-            topic: m.topic().to_string(),
+        let input = Input {
+            topic: m.topic(),
             partition: m.partition(),
             offset: m.offset(),
+            key: m.key(),
+            payload: m.payload().unwrap_or_default(),
+        };
+        self.take_input(&input, accepted, rejected, offsets);
+    }
+
+    fn take_input(
+        &mut self,
+        m: &Input<'_>,
+        accepted: &mut Vec<Scored>,
+        rejected: &mut Vec<Rejected>,
+        offsets: &mut HashMap<i32, i64>,
+    ) {
+        let source = SourcePosition {
+            topic: m.topic.to_string(),
+            partition: m.partition,
+            offset: m.offset,
         };
         self.consumed.inc();
         let next = offsets.entry(source.partition).or_insert(0);
         *next = (*next).max(source.offset + 1);
-        let raw = m.payload().unwrap_or_default();
+        let raw = m.payload;
         match events::parse_transaction(raw, now_ms(), &self.limits) {
             Ok(txn) => {
                 let late = self.lateness.is_late(source.partition, txn.event_time);
                 if late {
                     self.metrics.late_events.inc();
                 }
-                let features = self.engine.process(&txn, !late);
+                let features = self.engine.process_from(source.partition, &txn, !late);
                 if !features.all_finite() {
                     let rej = Rejection::new(
                         Reason::NonFiniteFeature,
@@ -164,7 +232,7 @@ impl Stage {
                     rejected.push(Rejected {
                         rejection: rej,
                         source,
-                        key: m.key().map(<[u8]>::to_vec),
+                        key: m.key.map(<[u8]>::to_vec),
                         raw: raw.to_vec(),
                     });
                     return;
@@ -180,7 +248,7 @@ impl Stage {
                 rejected.push(Rejected {
                     rejection,
                     source,
-                    key: m.key().map(<[u8]>::to_vec),
+                    key: m.key.map(<[u8]>::to_vec),
                     raw: raw.to_vec(),
                 });
             }
@@ -268,6 +336,153 @@ impl Stage {
             anyhow::bail!("the Redis writer stopped");
         }
         Ok(batch)
+    }
+
+    /// Warms up the message's partition first if it was not yet, and takes
+    /// any message the broker skipped between the committed offset and this
+    /// one into the batch (before this one).
+    async fn before_take(
+        &mut self,
+        consumer: &Consumer_,
+        m: &BorrowedMessage<'_>,
+        accepted: &mut Vec<Scored>,
+        rejected: &mut Vec<Rejected>,
+        offsets: &mut HashMap<i32, i64>,
+    ) -> anyhow::Result<()> {
+        // Revocations happen inside `recv`: apply them before this message,
+        // which already belongs to the new assignment.
+        self.forget_revoked();
+        if self.warmed.contains(&m.partition()) {
+            return Ok(());
+        }
+        let score_from = self
+            .committed_offset(consumer, m.partition())
+            .unwrap_or(m.offset());
+        let limits = Limits {
+            max_future_skew_ms: i64::MAX / 4,
+            ..self.limits
+        };
+        let event_time =
+            match events::parse_transaction(m.payload().unwrap_or_default(), 0, &limits) {
+                Ok(t) => t.event_time,
+                Err(_) => m.timestamp().to_millis().unwrap_or_else(now_ms),
+            };
+        let gap = self
+            .warm_up(
+                m.partition(),
+                m.offset(),
+                score_from.min(m.offset()),
+                event_time,
+            )
+            .await?;
+        if !gap.is_empty() {
+            tracing::warn!(
+                partition = m.partition(), committed = score_from, delivered = m.offset(),
+                recovered = gap.len(),
+                "the broker resumed past the committed offset; scoring the skipped messages from the log"
+            );
+            self.metrics.resume_gap_events.inc_by(gap.len() as u64);
+        }
+        for g in &gap {
+            let input = Input {
+                topic: m.topic(),
+                partition: m.partition(),
+                offset: g.offset,
+                key: g.key.as_deref(),
+                payload: &g.payload,
+            };
+            self.take_input(&input, accepted, rejected, offsets);
+        }
+        Ok(())
+    }
+
+    /// The group's committed offset of `partition`, if there is one.
+    fn committed_offset(&self, consumer: &Consumer_, partition: i32) -> Option<i64> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.in_topic, partition);
+        let res = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .map_err(|e| tracing::warn!(error = %e, partition, "committed offset unknown"))
+            .ok()?;
+        match res.find_partition(&self.in_topic, partition)?.offset() {
+            Offset::Offset(o) if o >= 0 => Some(o),
+            _ => None,
+        }
+    }
+
+    /// Drops the state of partitions revoked since the last call.
+    fn forget_revoked(&mut self) {
+        let revoked: Vec<i32> = match self.revoked.lock() {
+            Ok(mut r) => std::mem::take(&mut *r),
+            Err(_) => return,
+        };
+        for p in revoked {
+            if self.warmed.remove(&p) {
+                let dropped = self.engine.drop_partition_users(p);
+                self.lateness.forget(p);
+                tracing::info!(
+                    partition = p,
+                    users = dropped,
+                    "partition revoked: its users dropped"
+                );
+            }
+        }
+    }
+
+    /// Rebuilds the windows of `partition` from the log before the message
+    /// at `offset` (event time `event_time`) is scored.
+    async fn warm_up(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        score_from: i64,
+        event_time: i64,
+    ) -> anyhow::Result<Vec<warmup::GapMessage>> {
+        let merchants = !self.ever_warmed.contains(&partition);
+        let kafka = self.cfg.kafka.clone();
+        let topic = self.in_topic.clone();
+        let engine = self.engine.clone();
+        let grace_ms = self.cfg.windows.grace.as_millis() as i64;
+        let limits = self.limits;
+        let mut lateness = std::mem::replace(&mut self.lateness, Lateness::new(grace_ms));
+        self.health.warming.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        let (lateness, result) = tokio::task::spawn_blocking(move || {
+            let r = warmup::Replay {
+                kafka: &kafka,
+                topic: &topic,
+                partition,
+                at_event_time: event_time,
+                until_offset: offset,
+                score_from,
+                grace_ms,
+                merchants,
+                limits,
+                deadline: Duration::from_secs(600),
+            };
+            let res = warmup::replay(&r, &engine, &mut lateness);
+            (lateness, res)
+        })
+        .await
+        .context("warm-up task")?;
+        self.lateness = lateness;
+        self.health.warming.store(false, Ordering::Relaxed);
+        let stats = result?;
+        let secs = started.elapsed().as_secs_f64();
+        self.metrics.warmup_events.inc_by(stats.events);
+        self.metrics.warmup_duration.observe(secs);
+        tracing::info!(
+            partition,
+            from = stats.from_offset,
+            until = offset,
+            events = stats.events,
+            fell_back = stats.fell_back_to_beginning,
+            seconds = secs,
+            "warm-up: windows rebuilt from the log"
+        );
+        self.warmed.insert(partition);
+        self.ever_warmed.insert(partition);
+        Ok(stats.gap)
     }
 
     fn evict(&self) {
@@ -408,6 +623,7 @@ pub async fn run(
     let engine = Arc::new(FeatureEngine::new(WindowSpec::from(&cfg.windows)));
 
     let in_topic = cfg.topic(topics::TRANSACTIONS);
+    let revoked = Arc::new(Mutex::new(Vec::new()));
     let scores_topic = cfg.topic(topics::FRAUD_SCORES);
     let dead_topic = cfg.topic(topics::DEAD_LETTER);
     let consumer: Arc<Consumer_> = Arc::new(
@@ -416,7 +632,9 @@ pub async fn run(
             &cfg.kafka.group_id,
             cfg.processing.commit_interval.as_millis() as u64,
         )
-        .create_with_context(LoggingContext)
+        .create_with_context(PipelineContext {
+            revoked: revoked.clone(),
+        })
         .context("creating the Kafka consumer")?,
     );
     check_topics(&consumer, &[&in_topic, &scores_topic, &dead_topic])?;
@@ -453,6 +671,11 @@ pub async fn run(
             .events_consumed
             .with_label_values(&[topics::TRANSACTIONS]),
         redis_tx,
+        in_topic: in_topic.clone(),
+        health: health.clone(),
+        warmed: HashSet::new(),
+        ever_warmed: HashSet::new(),
+        revoked,
         cfg,
     };
     health.running.store(true, Ordering::Relaxed);
@@ -503,6 +726,7 @@ async fn consume_loop(
     let mut evict_tick = tokio::time::interval(stage.cfg.windows.eviction_interval);
     evict_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        stage.forget_revoked();
         let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
@@ -517,7 +741,12 @@ async fn consume_loop(
         let mut rejected = Vec::new();
         let mut offsets = HashMap::new();
         match first {
-            Ok(m) => stage.take(&m, &mut accepted, &mut rejected, &mut offsets),
+            Ok(m) => {
+                stage
+                    .before_take(consumer, &m, &mut accepted, &mut rejected, &mut offsets)
+                    .await?;
+                stage.take(&m, &mut accepted, &mut rejected, &mut offsets)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "Kafka consumer error; continuing");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -538,7 +767,12 @@ async fn consume_loop(
                 None => tokio::time::timeout_at(deadline, consumer.recv()).await,
             };
             match next {
-                Ok(Ok(m)) => stage.take(&m, &mut accepted, &mut rejected, &mut offsets),
+                Ok(Ok(m)) => {
+                    stage
+                        .before_take(consumer, &m, &mut accepted, &mut rejected, &mut offsets)
+                        .await?;
+                    stage.take(&m, &mut accepted, &mut rejected, &mut offsets)
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "Kafka consumer error; continuing");
                     break;

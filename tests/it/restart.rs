@@ -69,7 +69,13 @@ fn graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() {
         Duration::from_secs(180),
         Duration::from_secs(3),
         |r| key_counts(r).len() >= N,
-        || format!("second run log:\n{}", second.log_text()),
+        || {
+            format!(
+                "first run log:\n{}\nsecond run log:\n{}",
+                first.log_text(),
+                second.log_text()
+            )
+        },
     );
     let counts = key_counts(&scores);
     let want: HashSet<&String> = txns.iter().map(|t| &t.txn_id).collect();

@@ -108,6 +108,7 @@ impl TestEnv {
 brokers = "{brokers}"
 group_id = "{group}"
 topic_prefix = "{prefix}"
+instance_id = "{prefix}instance-1"
 
 [processing]
 commit_interval = "200ms"
