@@ -189,6 +189,11 @@ pub struct WindowConfig {
     /// How often idle keys (no event for 24 h + grace of event time) are evicted.
     #[serde(with = "humantime_serde")]
     pub eviction_interval: Duration,
+    /// Most users held; beyond it the least recently active are evicted
+    /// (about 1.7 KB each: the default bounds user state near 1.7 GB).
+    pub max_users: usize,
+    /// Most merchants held; beyond it the least recently active are evicted.
+    pub max_merchants: usize,
 }
 
 impl Default for WindowConfig {
@@ -199,6 +204,8 @@ impl Default for WindowConfig {
             day_bucket: Duration::from_secs(3600),
             grace: Duration::from_secs(300),
             eviction_interval: Duration::from_secs(30),
+            max_users: 1_000_000,
+            max_merchants: 200_000,
         }
     }
 }
@@ -406,6 +413,12 @@ impl Config {
                     "{name}: more than 1440 buckets per window; use a wider bucket"
                 ));
             }
+        }
+        if w.max_users < 10 {
+            errs.push("windows.max_users: must be at least 10".into());
+        }
+        if w.max_merchants < 10 {
+            errs.push("windows.max_merchants: must be at least 10".into());
         }
         if w.eviction_interval.is_zero() {
             errs.push("windows.eviction_interval: must be positive".into());

@@ -134,8 +134,8 @@ impl Metrics {
             evicted_keys: counter_vec(
                 &r,
                 "streamscore_window_evicted_keys_total",
-                "Idle keys dropped from a window store.",
-                &["store"],
+                "Keys dropped from a window store: idle for 24 h + grace, or over the store's key limit.",
+                &["store", "reason"],
             ),
             model_info: gauge_vec(
                 &r,
@@ -187,7 +187,9 @@ impl Metrics {
         for store in ["user", "merchant"] {
             m.window_keys.with_label_values(&[store]);
             m.window_state_bytes.with_label_values(&[store]);
-            m.evicted_keys.with_label_values(&[store]);
+            for reason in ["idle", "limit"] {
+                m.evicted_keys.with_label_values(&[store, reason]);
+            }
         }
         m
     }

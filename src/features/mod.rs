@@ -9,7 +9,7 @@
 
 pub mod window;
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use serde::ser::SerializeMap;
@@ -84,6 +84,8 @@ pub struct WindowSpec {
     pub hour_bucket_ms: i64,
     pub day_bucket_ms: i64,
     pub grace_ms: i64,
+    pub max_users: usize,
+    pub max_merchants: usize,
 }
 
 impl From<&WindowConfig> for WindowSpec {
@@ -93,6 +95,8 @@ impl From<&WindowConfig> for WindowSpec {
             hour_bucket_ms: w.hour_bucket.as_millis() as i64,
             day_bucket_ms: w.day_bucket.as_millis() as i64,
             grace_ms: w.grace.as_millis() as i64,
+            max_users: w.max_users,
+            max_merchants: w.max_merchants,
         }
     }
 }
@@ -268,6 +272,33 @@ pub struct FeatureEngine {
     merchants: DashMap<String, MerchantState>,
     /// Newest event time folded into state (for idle eviction).
     max_event_time: AtomicI64,
+    /// Updates since start; the key limits are checked every `check_every`.
+    updates: AtomicU64,
+    check_every: u64,
+    /// Keys evicted by the limits (users, merchants), read by metrics.
+    limit_evicted: (AtomicU64, AtomicU64),
+}
+
+/// Drops the least recently active keys of `map` down to 90 % of `limit`.
+fn shrink<V>(map: &DashMap<String, V>, limit: usize, last: impl Fn(&V) -> i64) -> usize {
+    let target = limit - limit / 10;
+    let mut times: Vec<i64> = map.iter().map(|e| last(e.value())).collect();
+    if times.len() <= target {
+        return 0;
+    }
+    let k = times.len() - target;
+    let (_, cutoff, _) = times.select_nth_unstable(k - 1);
+    let cutoff = *cutoff;
+    let mut removed = 0;
+    map.retain(|_, v| {
+        if removed < k && last(v) <= cutoff {
+            removed += 1;
+            false
+        } else {
+            true
+        }
+    });
+    removed
 }
 
 impl FeatureEngine {
@@ -277,7 +308,42 @@ impl FeatureEngine {
             users: DashMap::new(),
             merchants: DashMap::new(),
             max_event_time: AtomicI64::new(i64::MIN),
+            updates: AtomicU64::new(0),
+            check_every: (spec.max_users.min(spec.max_merchants) / 10).clamp(1, 1024) as u64,
+            limit_evicted: (AtomicU64::new(0), AtomicU64::new(0)),
         }
+    }
+
+    /// Keeps each store under its key limit: every `check_every` updates,
+    /// a store over its limit drops its least recently active keys down to
+    /// 90 % of the limit (so a flood of new ids costs amortised O(1)).
+    fn enforce_limits(&self) {
+        let n = self.updates.fetch_add(1, Ordering::Relaxed);
+        if n % self.check_every != 0 {
+            return;
+        }
+        if self.users.len() > self.spec.max_users {
+            let dropped = shrink(&self.users, self.spec.max_users, |u| u.last_event_time);
+            self.limit_evicted
+                .0
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+        }
+        if self.merchants.len() > self.spec.max_merchants {
+            let dropped = shrink(&self.merchants, self.spec.max_merchants, |m| {
+                m.last_event_time
+            });
+            self.limit_evicted
+                .1
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Keys evicted by the limits since the last call: (users, merchants).
+    pub fn take_limit_evictions(&self) -> (u64, u64) {
+        (
+            self.limit_evicted.0.swap(0, Ordering::Relaxed),
+            self.limit_evicted.1.swap(0, Ordering::Relaxed),
+        )
     }
 
     pub fn spec(&self) -> &WindowSpec {
@@ -449,6 +515,7 @@ impl FeatureEngine {
         }
         self.max_event_time
             .fetch_max(t.event_time, Ordering::Relaxed);
+        self.enforce_limits();
     }
 
     /// Point-in-time features of `t`, then (when `update`) `t` folded into
@@ -478,6 +545,7 @@ impl FeatureEngine {
         }
         self.max_event_time
             .fetch_max(t.event_time, Ordering::Relaxed);
+        self.enforce_limits();
         Features(out)
     }
 
@@ -709,6 +777,32 @@ mod tests {
         e.update_from(1, &txn(3, "c", "m2", 10.0, T0), false);
         assert_eq!(e.drop_partition_users(1), 2);
         assert_eq!(e.key_counts(), (1, 1), "m2 was never folded in");
+    }
+
+    #[test]
+    fn a_flood_of_new_ids_stays_under_the_key_limit_evicting_the_least_recent() {
+        let mut sp = spec();
+        sp.max_users = 100;
+        sp.max_merchants = 50;
+        let e = FeatureEngine::new(sp);
+        e.process(&txn(0, "loyal", "m-loyal", 10.0, T0), true);
+        for i in 1..5_000u32 {
+            let ts = T0 + i64::from(i) * 10;
+            e.process(&txn(i, &format!("u{i}"), &format!("m{i}"), 1.0, ts), true);
+            if i % 7 == 0 {
+                // "loyal" stays active, so it is never the least recent.
+                e.process(&txn(i, "loyal", "m-loyal", 10.0, ts), true);
+            }
+            let (users, merchants) = e.key_counts();
+            assert!(
+                users <= 100 + 10 && merchants <= 50 + 5,
+                "{users} {merchants}"
+            );
+        }
+        assert!(e.users.contains_key("loyal"));
+        let (eu, em) = e.take_limit_evictions();
+        assert!(eu > 4_000 && em > 4_000, "{eu} {em}");
+        assert_eq!(e.take_limit_evictions(), (0, 0));
     }
 
     #[test]
