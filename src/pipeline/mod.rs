@@ -488,12 +488,15 @@ impl Stage {
     fn evict(&self) {
         let ((eu, em), stats) = self.engine.evict_idle();
         let m = &self.metrics;
-        m.evicted_keys
-            .with_label_values(&["user"])
-            .inc_by(eu as u64);
-        m.evicted_keys
-            .with_label_values(&["merchant"])
-            .inc_by(em as u64);
+        let (lu, lm) = self.engine.take_limit_evictions();
+        for (store, reason, n) in [
+            ("user", "idle", eu as u64),
+            ("merchant", "idle", em as u64),
+            ("user", "limit", lu),
+            ("merchant", "limit", lm),
+        ] {
+            m.evicted_keys.with_label_values(&[store, reason]).inc_by(n);
+        }
         m.window_keys
             .with_label_values(&["user"])
             .set(stats.user_keys as i64);
