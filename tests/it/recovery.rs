@@ -37,17 +37,7 @@ fn crash_mid_stream_loses_nothing_and_rebuilds_windows_from_the_log() {
         .iter()
         .map(|t| (t.txn_id.clone(), reference.process(t, true).0.to_vec()))
         .collect();
-    let records: Vec<_> = txns
-        .iter()
-        .map(|t| (t.user_id.clone(), serde_json::to_vec(t).unwrap()))
-        .collect();
-    let topic = env.topic("transactions");
-    let feeder = std::thread::spawn(move || {
-        for chunk in records.chunks(400) {
-            produce_all(&topic, chunk);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
+    let feeder = spawn_feeder(env.topic("transactions"), keyed_records(&txns), 400);
 
     let mut first = env.spawn_run("first");
     wait_for(

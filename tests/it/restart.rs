@@ -24,19 +24,8 @@ fn graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() {
     })
     .take(N)
     .collect();
-    let records: Vec<_> = txns
-        .iter()
-        .map(|t| (t.user_id.clone(), serde_json::to_vec(t).unwrap()))
-        .collect();
-
     // The stream keeps flowing (~5,000 events/s) across the restart.
-    let topic = env.topic("transactions");
-    let feeder = std::thread::spawn(move || {
-        for chunk in records.chunks(500) {
-            produce_all(&topic, chunk);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
+    let feeder = spawn_feeder(env.topic("transactions"), keyed_records(&txns), 500);
 
     let mut first = env.spawn_run("first");
     wait_for(

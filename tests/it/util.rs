@@ -419,3 +419,26 @@ pub fn model_version() -> String {
     .expect("signature is JSON");
     sig["version"].as_str().expect("version").to_string()
 }
+
+/// Transactions as keyed records (key: user id), ready to produce.
+pub fn keyed_records(txns: &[streamscore::events::Transaction]) -> Vec<(String, Vec<u8>)> {
+    txns.iter()
+        .map(|t| (t.user_id.clone(), serde_json::to_vec(t).expect("serialise")))
+        .collect()
+}
+
+/// Produces `records` to `topic` in chunks of `chunk` with a 100 ms pause
+/// between chunks, on a thread: a stream that keeps flowing while the test
+/// stops and starts processors.
+pub fn spawn_feeder(
+    topic: String,
+    records: Vec<(String, Vec<u8>)>,
+    chunk: usize,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for c in records.chunks(chunk) {
+            produce_all(&topic, c);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
