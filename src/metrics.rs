@@ -35,6 +35,7 @@ pub struct Metrics {
     pub warmup_events: IntCounter,
     pub warmup_duration: Histogram,
     pub resume_gap_events: IntCounter,
+    pub redelivered_skipped: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -178,6 +179,11 @@ impl Metrics {
                 &r,
                 "streamscore_resume_gap_events_total",
                 "Messages the broker skipped when a partition was resumed, recovered from the log and scored.",
+            ),
+            redelivered_skipped: counter(
+                &r,
+                "streamscore_redelivered_skipped_total",
+                "Messages delivered again at an offset already taken in this assignment; skipped.",
             ),
             registry: r,
         };

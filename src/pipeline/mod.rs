@@ -16,8 +16,14 @@
 //! least once; outputs are idempotent by txn id). Failed deliveries and Redis
 //! writes are retried, never dropped.
 
+mod ack;
+mod context;
 pub mod output;
+mod resume;
 pub mod warmup;
+
+use ack::{ack_loop, redis_loop, OutRecord, PendingBatch, RedisJob};
+pub use context::PipelineContext;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,11 +31,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::producer::{FutureProducer, Producer};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -52,75 +57,7 @@ pub struct Health {
     pub warming: AtomicBool,
 }
 
-/// Logs partition assignment changes and tells the loop which partitions
-/// were revoked (their users are dropped and rebuilt if they come back).
-pub struct PipelineContext {
-    revoked: Arc<Mutex<Vec<i32>>>,
-}
-
-impl ClientContext for PipelineContext {}
-
-/// The partitions of a list. rdkafka 0.36 builds a slice from the list's
-/// element pointer even when the list is empty (null), which a debug build
-/// of current Rust rejects with a panic: never touch the elements of an
-/// empty list.
-fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
-    if tpl.count() == 0 {
-        return Vec::new();
-    }
-    tpl.elements().iter().map(|e| e.partition()).collect()
-}
-
-fn describe(rebalance: &Rebalance<'_>) -> (&'static str, Vec<i32>) {
-    match rebalance {
-        Rebalance::Assign(tpl) => ("assign", partitions_of(tpl)),
-        Rebalance::Revoke(tpl) => ("revoke", partitions_of(tpl)),
-        Rebalance::Error(_) => ("error", Vec::new()),
-    }
-}
-
-impl ConsumerContext for PipelineContext {
-    fn pre_rebalance(&self, rebalance: &Rebalance<'_>) {
-        let (kind, partitions) = describe(rebalance);
-        if let Rebalance::Error(e) = rebalance {
-            tracing::warn!(error = %e, "rebalance error");
-        }
-        tracing::info!(kind, ?partitions, "rebalance: before");
-    }
-    fn post_rebalance(&self, rebalance: &Rebalance<'_>) {
-        let (kind, partitions) = describe(rebalance);
-        tracing::info!(kind, ?partitions, "rebalance: after");
-        if let Rebalance::Revoke(_) = rebalance {
-            if let Ok(mut r) = self.revoked.lock() {
-                r.extend(partitions);
-            }
-        }
-    }
-}
-
-type Consumer_ = StreamConsumer<PipelineContext>;
-
-/// A record enqueued to Kafka, kept until acknowledged so it can be re-sent.
-struct OutRecord {
-    topic: Arc<str>,
-    key: Vec<u8>,
-    /// Shared with the Redis entry of the same score (one serialisation).
-    payload: Arc<[u8]>,
-}
-
-/// A batch whose outputs are on their way.
-struct PendingBatch {
-    deliveries: Vec<(DeliveryFuture, OutRecord)>,
-    /// Fires when the batch's Redis pipeline succeeded.
-    redis_done: oneshot::Receiver<()>,
-    /// Next offset to consume, per partition.
-    offsets: Vec<(i32, i64)>,
-    event_times: Vec<i64>,
-    flagged: u64,
-    dead: Vec<Reason>,
-    newest_event_time: i64,
-    taken_at: Instant,
-}
+pub(crate) type Consumer_ = StreamConsumer<PipelineContext>;
 
 /// One accepted transaction waiting for its score.
 struct Scored {
@@ -169,10 +106,9 @@ struct Stage {
     /// Partitions whose events are already in the merchant windows.
     ever_warmed: HashSet<i32>,
     revoked: Arc<Mutex<Vec<i32>>>,
+    /// Next offset expected per partition in the current assignment.
+    next_offset: HashMap<i32, i64>,
 }
-
-/// One batch's Redis entries and who to tell when they are written.
-type RedisJob = (Vec<ScoreEntry>, oneshot::Sender<()>);
 
 fn now_ms() -> i64 {
     crate::now_ms()
@@ -205,6 +141,15 @@ impl Stage {
         rejected: &mut Vec<Rejected>,
         offsets: &mut HashMap<i32, i64>,
     ) {
+        // Offsets only move forward within an assignment; a message at or
+        // below one already taken is a redelivery (tansu 0.6 can send the
+        // last batch again) and must not be folded or scored twice.
+        let next_expected = self.next_offset.entry(m.partition).or_insert(i64::MIN);
+        if m.offset < *next_expected {
+            self.metrics.redelivered_skipped.inc();
+            return;
+        }
+        *next_expected = m.offset + 1;
         let source = SourcePosition {
             topic: m.topic.to_string(),
             partition: m.partition,
@@ -338,153 +283,6 @@ impl Stage {
         Ok(batch)
     }
 
-    /// Warms up the message's partition first if it was not yet, and takes
-    /// any message the broker skipped between the committed offset and this
-    /// one into the batch (before this one).
-    async fn before_take(
-        &mut self,
-        consumer: &Consumer_,
-        m: &BorrowedMessage<'_>,
-        accepted: &mut Vec<Scored>,
-        rejected: &mut Vec<Rejected>,
-        offsets: &mut HashMap<i32, i64>,
-    ) -> anyhow::Result<()> {
-        // Revocations happen inside `recv`: apply them before this message,
-        // which already belongs to the new assignment.
-        self.forget_revoked();
-        if self.warmed.contains(&m.partition()) {
-            return Ok(());
-        }
-        let score_from = self
-            .committed_offset(consumer, m.partition())
-            .unwrap_or(m.offset());
-        let limits = Limits {
-            max_future_skew_ms: i64::MAX / 4,
-            ..self.limits
-        };
-        let event_time =
-            match events::parse_transaction(m.payload().unwrap_or_default(), 0, &limits) {
-                Ok(t) => t.event_time,
-                Err(_) => m.timestamp().to_millis().unwrap_or_else(now_ms),
-            };
-        let gap = self
-            .warm_up(
-                m.partition(),
-                m.offset(),
-                score_from.min(m.offset()),
-                event_time,
-            )
-            .await?;
-        if !gap.is_empty() {
-            tracing::warn!(
-                partition = m.partition(), committed = score_from, delivered = m.offset(),
-                recovered = gap.len(),
-                "the broker resumed past the committed offset; scoring the skipped messages from the log"
-            );
-            self.metrics.resume_gap_events.inc_by(gap.len() as u64);
-        }
-        for g in &gap {
-            let input = Input {
-                topic: m.topic(),
-                partition: m.partition(),
-                offset: g.offset,
-                key: g.key.as_deref(),
-                payload: &g.payload,
-            };
-            self.take_input(&input, accepted, rejected, offsets);
-        }
-        Ok(())
-    }
-
-    /// The group's committed offset of `partition`, if there is one.
-    fn committed_offset(&self, consumer: &Consumer_, partition: i32) -> Option<i64> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.in_topic, partition);
-        let res = consumer
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .map_err(|e| tracing::warn!(error = %e, partition, "committed offset unknown"))
-            .ok()?;
-        match res.find_partition(&self.in_topic, partition)?.offset() {
-            Offset::Offset(o) if o >= 0 => Some(o),
-            _ => None,
-        }
-    }
-
-    /// Drops the state of partitions revoked since the last call.
-    fn forget_revoked(&mut self) {
-        let revoked: Vec<i32> = match self.revoked.lock() {
-            Ok(mut r) => std::mem::take(&mut *r),
-            Err(_) => return,
-        };
-        for p in revoked {
-            if self.warmed.remove(&p) {
-                let dropped = self.engine.drop_partition_users(p);
-                self.lateness.forget(p);
-                tracing::info!(
-                    partition = p,
-                    users = dropped,
-                    "partition revoked: its users dropped"
-                );
-            }
-        }
-    }
-
-    /// Rebuilds the windows of `partition` from the log before the message
-    /// at `offset` (event time `event_time`) is scored.
-    async fn warm_up(
-        &mut self,
-        partition: i32,
-        offset: i64,
-        score_from: i64,
-        event_time: i64,
-    ) -> anyhow::Result<Vec<warmup::GapMessage>> {
-        let merchants = !self.ever_warmed.contains(&partition);
-        let kafka = self.cfg.kafka.clone();
-        let topic = self.in_topic.clone();
-        let engine = self.engine.clone();
-        let grace_ms = self.cfg.windows.grace.as_millis() as i64;
-        let limits = self.limits;
-        let mut lateness = std::mem::replace(&mut self.lateness, Lateness::new(grace_ms));
-        self.health.warming.store(true, Ordering::Relaxed);
-        let started = Instant::now();
-        let (lateness, result) = tokio::task::spawn_blocking(move || {
-            let r = warmup::Replay {
-                kafka: &kafka,
-                topic: &topic,
-                partition,
-                at_event_time: event_time,
-                until_offset: offset,
-                score_from,
-                grace_ms,
-                merchants,
-                limits,
-                deadline: Duration::from_secs(600),
-            };
-            let res = warmup::replay(&r, &engine, &mut lateness);
-            (lateness, res)
-        })
-        .await
-        .context("warm-up task")?;
-        self.lateness = lateness;
-        self.health.warming.store(false, Ordering::Relaxed);
-        let stats = result?;
-        let secs = started.elapsed().as_secs_f64();
-        self.metrics.warmup_events.inc_by(stats.events);
-        self.metrics.warmup_duration.observe(secs);
-        tracing::info!(
-            partition,
-            from = stats.from_offset,
-            until = offset,
-            events = stats.events,
-            fell_back = stats.fell_back_to_beginning,
-            seconds = secs,
-            "warm-up: windows rebuilt from the log"
-        );
-        self.warmed.insert(partition);
-        self.ever_warmed.insert(partition);
-        Ok(stats.gap)
-    }
-
     fn evict(&self) {
         let ((eu, em), stats) = self.engine.evict_idle();
         let m = &self.metrics;
@@ -510,84 +308,6 @@ impl Stage {
             .with_label_values(&["merchant"])
             .set(stats.merchant_bytes as i64);
     }
-}
-
-/// Writes each batch's scores to Redis, one pipeline per batch, in batch
-/// order (so `:latest` keys end in log order), retrying until it succeeds.
-async fn redis_loop(mut rx: mpsc::Receiver<RedisJob>, redis: RedisSink, metrics: Metrics) {
-    while let Some((entries, done)) = rx.recv().await {
-        let mut backoff = Duration::from_millis(50);
-        while let Err(e) = redis.write_scores(&entries).await {
-            metrics.redis_errors.inc();
-            tracing::warn!(error = %e, "Redis write failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-        let _ = done.send(());
-    }
-}
-
-/// Waits for every output of each batch, in order, then stores its offsets.
-async fn ack_loop(
-    mut rx: mpsc::Receiver<PendingBatch>,
-    consumer: Arc<Consumer_>,
-    producer: FutureProducer,
-    metrics: Metrics,
-    in_topic: String,
-) -> anyhow::Result<()> {
-    while let Some(b) = rx.recv().await {
-        for (fut, rec) in b.deliveries {
-            let mut fut = fut;
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                match produce::acknowledged(fut).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        metrics.kafka_produce_errors.inc();
-                        tracing::warn!(error = %e, topic = %rec.topic, "delivery failed; re-sending");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        fut = produce::enqueue(&producer, &rec.topic, &rec.key, &rec.payload, None)
-                            .await
-                            .with_context(|| format!("re-sending to {}", rec.topic))?;
-                    }
-                }
-            }
-        }
-        if b.redis_done.await.is_err() {
-            anyhow::bail!("the Redis writer stopped");
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (p, next) in &b.offsets {
-            tpl.add_partition_offset(&in_topic, *p, Offset::Offset(*next))?;
-        }
-        if let Err(e) = consumer.store_offsets(&tpl) {
-            // The partition was revoked meanwhile: its new owner re-reads
-            // these events (at least once).
-            tracing::debug!(error = %e, "offsets not stored");
-        }
-        let now = now_ms();
-        metrics.events_scored.inc_by(b.event_times.len() as u64);
-        metrics.events_flagged.inc_by(b.flagged);
-        for t in &b.event_times {
-            metrics
-                .event_to_score_latency
-                .observe(((now - t).max(0)) as f64 / 1000.0);
-        }
-        for r in &b.dead {
-            metrics.dead_letter.with_label_values(&[r.as_str()]).inc();
-        }
-        if b.newest_event_time != i64::MIN {
-            let secs = b.newest_event_time / 1000;
-            if secs > metrics.newest_event_time.get() {
-                metrics.newest_event_time.set(secs);
-            }
-        }
-        metrics
-            .processing_latency
-            .observe(b.taken_at.elapsed().as_secs_f64());
-    }
-    Ok(())
 }
 
 /// Fails start-up when a topic the pipeline needs does not exist.
@@ -679,6 +399,7 @@ pub async fn run(
         warmed: HashSet::new(),
         ever_warmed: HashSet::new(),
         revoked,
+        next_offset: HashMap::new(),
         cfg,
     };
     health.running.store(true, Ordering::Relaxed);
