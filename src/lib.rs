@@ -16,7 +16,8 @@ the whole design; this page tells where each part lives.
 - [`features`]: window state (bucketed rings on event time) and the
   point-in-time feature vector; [`features::window`] the ring buffers.
 - [`model`]: ONNX loading, signature check, batch scoring.
-- [`pipeline`]: the `run` loop (micro-batches, acker, offsets after acks)
+- [`pipeline`]: the `run` loop (micro-batches, acker, offsets after acks),
+  [`pipeline::warmup`] the rebuild of a partition's windows from the log,
   and [`pipeline::output`] the records it writes.
 - [`kafka`]: client configuration, topic administration, producing with
   backpressure.
