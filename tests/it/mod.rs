@@ -1,5 +1,6 @@
 mod cli;
 mod fraud_path;
+mod rebalance;
 mod recovery;
 mod restart;
 mod schemas;

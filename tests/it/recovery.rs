@@ -3,19 +3,13 @@
 //! the windows are rebuilt from the log: every score, before or after the
 //! crash, carries the features an uninterrupted run computes.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use streamscore::config::WindowConfig;
-use streamscore::features::{FeatureEngine, WindowSpec, FEATURE_NAMES};
 use streamscore::generate::{GenOptions, TxnGenerator};
 
 use super::util::*;
 
 const N: usize = 20_000;
-/// Features 0..15 are the event's and its user's; merchant features (15..)
-/// depend on how partitions interleave (see the scale-out issue).
-const USER_FEATURES: usize = 15;
 
 #[test]
 fn crash_mid_stream_loses_nothing_and_rebuilds_windows_from_the_log() {
@@ -31,12 +25,7 @@ fn crash_mid_stream_loses_nothing_and_rebuilds_windows_from_the_log() {
     })
     .take(N)
     .collect();
-    // The uninterrupted reference, with the same window code and config.
-    let reference = FeatureEngine::new(WindowSpec::from(&WindowConfig::default()));
-    let want: HashMap<String, Vec<f32>> = txns
-        .iter()
-        .map(|t| (t.txn_id.clone(), reference.process(t, true).0.to_vec()))
-        .collect();
+    let want = reference_features(&txns);
     let feeder = spawn_feeder(env.topic("transactions"), keyed_records(&txns), 400);
 
     let mut first = env.spawn_run("first");
@@ -68,21 +57,7 @@ fn crash_mid_stream_loses_nothing_and_rebuilds_windows_from_the_log() {
     let dups: usize = counts.values().map(|c| c - 1).sum();
     assert!(dups <= 8 * 512 + 4_000, "{dups} duplicates");
 
-    let mut mismatches = Vec::new();
-    for r in &scores {
-        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
-        let id = v["txn_id"].as_str().unwrap();
-        let expect = &want[id];
-        for (i, name) in FEATURE_NAMES.iter().enumerate().take(USER_FEATURES) {
-            let got = v["features"][name].as_f64().unwrap() as f32;
-            if got != expect[i] {
-                mismatches.push(format!(
-                    "{id} {name}: got {got}, uninterrupted {}",
-                    expect[i]
-                ));
-            }
-        }
-    }
+    let mismatches = user_feature_mismatches(&scores, &want);
     assert!(
         mismatches.is_empty(),
         "{} feature values differ from the uninterrupted run, e.g. {:?}",

@@ -76,6 +76,16 @@ impl TestEnv {
     /// Creates the environment and its topics (explicitly, through
     /// `streamscore topics apply`). `extra` is appended to the config file.
     pub fn new(name: &str, extra: &str) -> TestEnv {
+        Self::build(name, extra, true)
+    }
+
+    /// An environment whose instances use dynamic group membership (they
+    /// leave the group on a graceful stop, so their partitions move).
+    pub fn dynamic(name: &str) -> TestEnv {
+        Self::build(name, "", false)
+    }
+
+    fn build(name: &str, extra: &str, static_membership: bool) -> TestEnv {
         let prefix = format!("{}.", unique(name));
         let dir = tempfile::tempdir().expect("tempdir");
         let http_port = free_port();
@@ -87,7 +97,7 @@ impl TestEnv {
             prefix,
             dir,
         };
-        env.write_config(extra);
+        env.write_config(extra, static_membership);
         let out = env
             .command(&["topics", "apply"])
             .output()
@@ -101,14 +111,19 @@ impl TestEnv {
         env
     }
 
-    fn write_config(&self, extra: &str) {
+    fn write_config(&self, extra: &str, static_membership: bool) {
+        let instance = if static_membership {
+            format!("instance_id = \"{}instance-1\"", self.prefix)
+        } else {
+            String::new()
+        };
         let models = root().join("models");
         let text = format!(
             r#"[kafka]
 brokers = "{brokers}"
 group_id = "{group}"
 topic_prefix = "{prefix}"
-instance_id = "{prefix}instance-1"
+{instance}
 
 [processing]
 commit_interval = "200ms"
@@ -156,10 +171,17 @@ bind = "127.0.0.1:{port}"
 
     /// Starts `streamscore run`, its log in the env's folder.
     pub fn spawn_run(&self, tag: &str) -> RunningProcess {
+        self.spawn_run_on(tag, self.http_port)
+    }
+
+    /// Starts another `streamscore run` of this environment, serving its
+    /// metrics on `http_port`.
+    pub fn spawn_run_on(&self, tag: &str, http_port: u16) -> RunningProcess {
         let log = self.dir.path().join(format!("run-{tag}.log"));
         let f = std::fs::File::create(&log).expect("log file");
         let child = self
             .command(&["run"])
+            .env("STREAMSCORE__HTTP__BIND", format!("127.0.0.1:{http_port}"))
             .stdout(Stdio::null())
             .stderr(f)
             .spawn()
@@ -441,4 +463,47 @@ pub fn spawn_feeder(
             std::thread::sleep(Duration::from_millis(100));
         }
     })
+}
+
+/// Features 0..15 are the event's and its user's; merchant features (15..)
+/// depend on how partitions interleave (see the scale-out issue).
+pub const USER_FEATURES: usize = 15;
+
+/// What an uninterrupted single run computes for each txn id, with the
+/// same window code and the default window config the tests use.
+pub fn reference_features(txns: &[streamscore::events::Transaction]) -> HashMap<String, Vec<f32>> {
+    use streamscore::config::WindowConfig;
+    use streamscore::features::{FeatureEngine, WindowSpec};
+    let engine = FeatureEngine::new(WindowSpec::from(&WindowConfig::default()));
+    txns.iter()
+        .map(|t| (t.txn_id.clone(), engine.process(t, true).0.to_vec()))
+        .collect()
+}
+
+/// Every user/event feature value of every score record that differs from
+/// the reference, described.
+pub fn user_feature_mismatches(scores: &[Record], want: &HashMap<String, Vec<f32>>) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in scores {
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("score JSON");
+        let id = v["txn_id"].as_str().expect("txn_id");
+        let Some(expect) = want.get(id) else {
+            out.push(format!("{id}: not produced by the test"));
+            continue;
+        };
+        for (i, name) in streamscore::features::FEATURE_NAMES
+            .iter()
+            .enumerate()
+            .take(USER_FEATURES)
+        {
+            let got = v["features"][name].as_f64().expect("feature") as f32;
+            if got != expect[i] {
+                out.push(format!(
+                    "{id} {name}: got {got}, uninterrupted {}",
+                    expect[i]
+                ));
+            }
+        }
+    }
+    out
 }

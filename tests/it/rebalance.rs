@@ -1,0 +1,69 @@
+//! Rebalance: a second instance joins mid-stream, then the first leaves;
+//! no transaction is lost and every score carries the user features a single
+//! uninterrupted run computes (windows rebuilt from the log on assignment).
+
+use std::time::Duration;
+
+use streamscore::generate::{GenOptions, TxnGenerator};
+
+use super::util::*;
+
+const N: usize = 20_000;
+
+#[test]
+fn second_instance_joins_first_leaves_nothing_lost_user_features_exact() {
+    let env = TestEnv::dynamic("rebalance");
+    let now = streamscore::now_ms();
+    let txns: Vec<_> = TxnGenerator::new(GenOptions {
+        seed: 33,
+        users: 2_000,
+        merchants: 100,
+        fraud_rate: 0.01,
+        mean_gap_ms: 100.0,
+        start_ms: now - N as i64 * 100,
+    })
+    .take(N)
+    .collect();
+    let want = reference_features(&txns);
+    let feeder = spawn_feeder(env.topic("transactions"), keyed_records(&txns), 200);
+
+    let mut a = env.spawn_run("a");
+    wait_for(Duration::from_secs(120), "instance a to score", || {
+        let t = scrape(&env.metrics_url())?;
+        (metric(&t, "streamscore_events_scored_total")? >= 2_000.0).then_some(())
+    });
+    let port_b = free_port();
+    let mut b = env.spawn_run_on("b", port_b);
+    let b_url = format!("http://127.0.0.1:{port_b}/metrics");
+    wait_for(
+        Duration::from_secs(120),
+        "instance b to get partitions and score",
+        || {
+            let t = scrape(&b_url)?;
+            (metric(&t, "streamscore_events_scored_total")? >= 500.0).then_some(())
+        },
+    );
+    let st = a.terminate(Duration::from_secs(30));
+    assert!(st.success(), "exit {st:?}; log:\n{}", a.log_text());
+    feeder.join().expect("feeder");
+
+    let scores = read_topic(
+        &env.topic("fraud-scores"),
+        Duration::from_secs(180),
+        Duration::from_secs(3),
+        |r| key_counts(r).len() >= N,
+        || format!("a:\n{}\nb:\n{}", a.log_text(), b.log_text()),
+    );
+    let counts = key_counts(&scores);
+    let missing = want.keys().filter(|id| !counts.contains_key(*id)).count();
+    assert_eq!(missing, 0, "txn ids lost across the rebalance");
+    let mismatches = user_feature_mismatches(&scores, &want);
+    assert!(
+        mismatches.is_empty(),
+        "{} feature values differ from the single run, e.g. {:?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(5)]
+    );
+    let st = b.terminate(Duration::from_secs(30));
+    assert!(st.success(), "exit {st:?}; log:\n{}", b.log_text());
+}
