@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use streamscore::generate::{GenOptions, TxnGenerator};
-
 use super::util::*;
 
 const N: usize = 20_000;
@@ -13,17 +11,7 @@ const N: usize = 20_000;
 #[test]
 fn second_instance_joins_first_leaves_nothing_lost_user_features_exact() {
     let env = TestEnv::dynamic("rebalance");
-    let now = streamscore::now_ms();
-    let txns: Vec<_> = TxnGenerator::new(GenOptions {
-        seed: 33,
-        users: 2_000,
-        merchants: 100,
-        fraud_rate: 0.01,
-        mean_gap_ms: 100.0,
-        start_ms: now - N as i64 * 100,
-    })
-    .take(N)
-    .collect();
+    let txns = live_txns(33, N, 2_000, 100, 100.0);
     let want = reference_features(&txns);
     let feeder = spawn_feeder(env.topic("transactions"), keyed_records(&txns), 200);
 

@@ -5,8 +5,6 @@
 
 use std::time::Duration;
 
-use streamscore::generate::{GenOptions, TxnGenerator};
-
 use super::util::*;
 
 const N: usize = 20_000;
@@ -14,17 +12,7 @@ const N: usize = 20_000;
 #[test]
 fn crash_mid_stream_loses_nothing_and_rebuilds_windows_from_the_log() {
     let env = TestEnv::new("crash", "");
-    let now = streamscore::now_ms();
-    let txns: Vec<_> = TxnGenerator::new(GenOptions {
-        seed: 21,
-        users: 2_000,
-        merchants: 100,
-        fraud_rate: 0.01,
-        mean_gap_ms: 100.0,
-        start_ms: now - N as i64 * 100,
-    })
-    .take(N)
-    .collect();
+    let txns = live_txns(21, N, 2_000, 100, 100.0);
     let want = reference_features(&txns);
     let feeder = spawn_feeder(env.topic("transactions"), keyed_records(&txns), 400);
 

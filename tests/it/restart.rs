@@ -4,8 +4,6 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use streamscore::generate::{GenOptions, TxnGenerator};
-
 use super::util::*;
 
 const N: usize = 30_000;
@@ -13,17 +11,7 @@ const N: usize = 30_000;
 #[test]
 fn graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() {
     let env = TestEnv::new("restart", "");
-    let now = streamscore::now_ms();
-    let txns: Vec<_> = TxnGenerator::new(GenOptions {
-        seed: 5,
-        users: 5_000,
-        merchants: 200,
-        fraud_rate: 0.01,
-        mean_gap_ms: 50.0,
-        start_ms: now - N as i64 * 50,
-    })
-    .take(N)
-    .collect();
+    let txns = live_txns(5, N, 5_000, 200, 50.0);
     // The stream keeps flowing (~5,000 events/s) across the restart.
     let feeder = spawn_feeder(env.topic("transactions"), keyed_records(&txns), 500);
 

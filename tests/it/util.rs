@@ -507,3 +507,25 @@ pub fn user_feature_mismatches(scores: &[Record], want: &HashMap<String, Vec<f32
     }
     out
 }
+
+/// `n` generated transactions (1 % fraud) whose event times end about now,
+/// `gap_ms` apart on average: a stream a test feeds while processors run.
+pub fn live_txns(
+    seed: u64,
+    n: usize,
+    users: usize,
+    merchants: usize,
+    gap_ms: f64,
+) -> Vec<streamscore::events::Transaction> {
+    use streamscore::generate::{GenOptions, TxnGenerator};
+    TxnGenerator::new(GenOptions {
+        seed,
+        users,
+        merchants,
+        fraud_rate: 0.01,
+        mean_gap_ms: gap_ms,
+        start_ms: streamscore::now_ms() - (n as f64 * gap_ms) as i64,
+    })
+    .take(n)
+    .collect()
+}
