@@ -1,15 +1,44 @@
 //! The consumer context: logs rebalances and hands revoked partitions to
 //! the loop.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rdkafka::consumer::{ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, TopicPartitionList};
 
+/// Partitions revoked since the loop last looked. The loop looks before
+/// every message, so the common "nothing revoked" case is one atomic load.
+#[derive(Debug, Default)]
+pub(crate) struct Revocations {
+    pending: AtomicBool,
+    partitions: Mutex<Vec<i32>>,
+}
+
+impl Revocations {
+    fn push(&self, partitions: Vec<i32>) {
+        if let Ok(mut p) = self.partitions.lock() {
+            p.extend(partitions);
+            self.pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// The partitions revoked since the last call (usually none).
+    pub(crate) fn take(&self) -> Vec<i32> {
+        if !self.pending.swap(false, Ordering::Acquire) {
+            return Vec::new();
+        }
+        self.partitions
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default()
+    }
+}
+
 /// Logs partition assignment changes and tells the loop which partitions
 /// were revoked (their users are dropped and rebuilt if they come back).
 pub struct PipelineContext {
-    pub(crate) revoked: Arc<Mutex<Vec<i32>>>,
+    pub(crate) revoked: Arc<Revocations>,
 }
 
 impl ClientContext for PipelineContext {}
@@ -45,9 +74,22 @@ impl ConsumerContext for PipelineContext {
         let (kind, partitions) = describe(rebalance);
         tracing::info!(kind, ?partitions, "rebalance: after");
         if let Rebalance::Revoke(_) = rebalance {
-            if let Ok(mut r) = self.revoked.lock() {
-                r.extend(partitions);
-            }
+            self.revoked.push(partitions);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocations_are_handed_over_once() {
+        let r = Revocations::default();
+        assert!(r.take().is_empty());
+        r.push(vec![1, 3]);
+        r.push(vec![2]);
+        assert_eq!(r.take(), vec![1, 3, 2]);
+        assert!(r.take().is_empty());
     }
 }

@@ -27,7 +27,7 @@ pub use context::PipelineContext;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -105,13 +105,9 @@ struct Stage {
     warmed: HashSet<i32>,
     /// Partitions whose events are already in the merchant windows.
     ever_warmed: HashSet<i32>,
-    revoked: Arc<Mutex<Vec<i32>>>,
+    revoked: Arc<context::Revocations>,
     /// Next offset expected per partition in the current assignment.
     next_offset: HashMap<i32, i64>,
-}
-
-fn now_ms() -> i64 {
-    crate::now_ms()
 }
 
 impl Stage {
@@ -159,7 +155,7 @@ impl Stage {
         let next = offsets.entry(source.partition).or_insert(0);
         *next = (*next).max(source.offset + 1);
         let raw = m.payload;
-        match events::parse_transaction(raw, now_ms(), &self.limits) {
+        match events::parse_transaction(raw, crate::now_ms(), &self.limits) {
             Ok(txn) => {
                 let late = self.lateness.is_late(source.partition, txn.event_time);
                 if late {
@@ -222,7 +218,7 @@ impl Stage {
             newest_event_time: i64::MIN,
             taken_at,
         };
-        let scored_at = now_ms();
+        let scored_at = crate::now_ms();
         let version = self.model.version();
         for (s, score) in accepted.into_iter().zip(scores) {
             let out = FraudScore::new(
@@ -346,7 +342,7 @@ pub async fn run(
     let engine = Arc::new(FeatureEngine::new(WindowSpec::from(&cfg.windows)));
 
     let in_topic = cfg.topic(topics::TRANSACTIONS);
-    let revoked = Arc::new(Mutex::new(Vec::new()));
+    let revoked = Arc::new(context::Revocations::default());
     let scores_topic = cfg.topic(topics::FRAUD_SCORES);
     let dead_topic = cfg.topic(topics::DEAD_LETTER);
     let consumer: Arc<Consumer_> = Arc::new(

@@ -13,7 +13,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{warmup, Consumer_, Input, Rejected, Scored, Stage};
-use crate::events::{self, Limits};
+use crate::events;
 use crate::features::Lateness;
 
 impl Stage {
@@ -37,10 +37,7 @@ impl Stage {
         let score_from = self
             .committed_offset(consumer, m.partition())
             .unwrap_or(m.offset());
-        let limits = Limits {
-            max_future_skew_ms: i64::MAX / 4,
-            ..self.limits
-        };
+        let limits = self.limits.for_replay();
         let event_time =
             match events::parse_transaction(m.payload().unwrap_or_default(), 0, &limits) {
                 Ok(t) => t.event_time,
@@ -91,11 +88,7 @@ impl Stage {
 
     /// Drops the state of partitions revoked since the last call.
     pub(super) fn forget_revoked(&mut self) {
-        let revoked: Vec<i32> = match self.revoked.lock() {
-            Ok(mut r) => std::mem::take(&mut *r),
-            Err(_) => return,
-        };
-        for p in revoked {
+        for p in self.revoked.take() {
             self.next_offset.remove(&p);
             if self.warmed.remove(&p) {
                 let dropped = self.engine.drop_partition_users(p);

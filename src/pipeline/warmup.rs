@@ -123,15 +123,16 @@ pub fn replay(
             low
         }
     };
+    // Never start after the first unscored message.
+    let start = start.min(r.score_from.max(low));
     stats.from_offset = start;
     if start >= r.until_offset {
         return Ok(stats);
     }
+    // Validation as in the stream, without the future-time check.
+    let limits = r.limits.for_replay();
     let started = Instant::now();
     // Start one message early: that message must lie before the horizon.
-    // Never start after the first unscored message.
-    let start = start.min(r.score_from.max(low));
-    stats.from_offset = start;
     let probe_from = if start > low { start - 1 } else { start };
     let mut checking = start > low;
     let mut offset = probe_from;
@@ -170,12 +171,6 @@ pub fn replay(
             });
             continue;
         }
-        // Validation as in the stream; future-skew is not re-checked (the
-        // event was accepted when it was first read).
-        let limits = Limits {
-            max_future_skew_ms: i64::MAX / 4,
-            ..r.limits
-        };
         let Ok(t) = parse_transaction(m.payload().unwrap_or_default(), 0, &limits) else {
             stats.skipped_invalid += 1;
             continue;
