@@ -16,32 +16,18 @@ fn second_instance_joins_first_leaves_nothing_lost_user_features_exact() {
     let feeder = spawn_feeder(env.topic("transactions"), keyed_records(&txns), 200);
 
     let mut a = env.spawn_run("a");
-    wait_for(Duration::from_secs(120), "instance a to score", || {
-        let t = scrape(&env.metrics_url())?;
-        (metric(&t, "streamscore_events_scored_total")? >= 2_000.0).then_some(())
-    });
+    wait_scored(&env.metrics_url(), 2_000.0, "instance a to score");
     let port_b = free_port();
     let mut b = env.spawn_run_on("b", port_b);
     let b_url = format!("http://127.0.0.1:{port_b}/metrics");
-    wait_for(
-        Duration::from_secs(120),
-        "instance b to get partitions and score",
-        || {
-            let t = scrape(&b_url)?;
-            (metric(&t, "streamscore_events_scored_total")? >= 500.0).then_some(())
-        },
-    );
+    wait_scored(&b_url, 500.0, "instance b to get partitions and score");
     let st = a.terminate(Duration::from_secs(30));
     assert!(st.success(), "exit {st:?}; log:\n{}", a.log_text());
     feeder.join().expect("feeder");
 
-    let scores = read_topic(
-        &env.topic("fraud-scores"),
-        Duration::from_secs(180),
-        Duration::from_secs(3),
-        |r| key_counts(r).len() >= N,
-        || format!("a:\n{}\nb:\n{}", a.log_text(), b.log_text()),
-    );
+    let scores = read_all_scores(&env, N, || {
+        format!("a:\n{}\nb:\n{}", a.log_text(), b.log_text())
+    });
     let counts = key_counts(&scores);
     let missing = want.keys().filter(|id| !counts.contains_key(*id)).count();
     assert_eq!(missing, 0, "txn ids lost across the rebalance");

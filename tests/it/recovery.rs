@@ -3,8 +3,6 @@
 //! the windows are rebuilt from the log: every score, before or after the
 //! crash, carries the features an uninterrupted run computes.
 
-use std::time::Duration;
-
 use super::util::*;
 
 const N: usize = 20_000;
@@ -17,26 +15,19 @@ fn crash_mid_stream_loses_nothing_and_rebuilds_windows_from_the_log() {
     let feeder = spawn_feeder(env.topic("transactions"), keyed_records(&txns), 400);
 
     let mut first = env.spawn_run("first");
-    wait_for(
-        Duration::from_secs(120),
+    wait_scored(
+        &env.metrics_url(),
+        4_000.0,
         "the first run to score some events",
-        || {
-            let t = scrape(&env.metrics_url())?;
-            (metric(&t, "streamscore_events_scored_total")? >= 4_000.0).then_some(())
-        },
     );
     first.child.kill().expect("SIGKILL");
     let _ = first.child.wait();
 
     let second = env.spawn_run("second");
     feeder.join().expect("feeder");
-    let scores = read_topic(
-        &env.topic("fraud-scores"),
-        Duration::from_secs(180),
-        Duration::from_secs(3),
-        |r| key_counts(r).len() >= N,
-        || format!("second run log:\n{}", second.log_text()),
-    );
+    let scores = read_all_scores(&env, N, || {
+        format!("second run log:\n{}", second.log_text())
+    });
     let counts = key_counts(&scores);
     let missing = want.keys().filter(|id| !counts.contains_key(*id)).count();
     assert_eq!(missing, 0, "txn ids lost in the crash");

@@ -16,13 +16,10 @@ fn graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() {
     let feeder = spawn_feeder(env.topic("transactions"), keyed_records(&txns), 500);
 
     let mut first = env.spawn_run("first");
-    wait_for(
-        Duration::from_secs(120),
+    wait_scored(
+        &env.metrics_url(),
+        2_000.0,
         "the first run to score some events",
-        || {
-            let t = scrape(&env.metrics_url())?;
-            (metric(&t, "streamscore_events_scored_total")? >= 2_000.0).then_some(())
-        },
     );
     let st = first.terminate(Duration::from_secs(30));
     assert!(st.success(), "exit {st:?}; log:\n{}", first.log_text());
@@ -41,19 +38,13 @@ fn graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() {
 
     let mut second = env.spawn_run("second");
     feeder.join().expect("feeder");
-    let scores = read_topic(
-        &env.topic("fraud-scores"),
-        Duration::from_secs(180),
-        Duration::from_secs(3),
-        |r| key_counts(r).len() >= N,
-        || {
-            format!(
-                "first run log:\n{}\nsecond run log:\n{}",
-                first.log_text(),
-                second.log_text()
-            )
-        },
-    );
+    let scores = read_all_scores(&env, N, || {
+        format!(
+            "first run log:\n{}\nsecond run log:\n{}",
+            first.log_text(),
+            second.log_text()
+        )
+    });
     let counts = key_counts(&scores);
     let want: HashSet<&String> = txns.iter().map(|t| &t.txn_id).collect();
     let missing = want.iter().filter(|id| !counts.contains_key(**id)).count();

@@ -529,3 +529,24 @@ pub fn live_txns(
     .take(n)
     .collect()
 }
+
+/// Waits until the `streamscore run` serving `metrics_url` has scored at
+/// least `at_least` events.
+pub fn wait_scored(metrics_url: &str, at_least: f64, what: &str) {
+    wait_for(Duration::from_secs(120), what, || {
+        let t = scrape(metrics_url)?;
+        (metric(&t, "streamscore_events_scored_total")? >= at_least).then_some(())
+    });
+}
+
+/// Every record of the env's `fraud-scores` topic once `n` distinct txn ids
+/// are there (then a 3 s settle, so late duplicates are seen too).
+pub fn read_all_scores(env: &TestEnv, n: usize, context: impl Fn() -> String) -> Vec<Record> {
+    read_topic(
+        &env.topic("fraud-scores"),
+        Duration::from_secs(180),
+        Duration::from_secs(3),
+        |r| key_counts(r).len() >= n,
+        context,
+    )
+}
