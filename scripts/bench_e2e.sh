@@ -8,13 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
-ensure_build_deps
-ensure_redis
-ensure_tansu
+ensure_all
 cargo build --release --quiet --bin streamscore --example bench_e2e
-RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/streamscore-bench.XXXXXX")
-trap 'stop_started; rm -rf "$RUN_DIR"' EXIT
-start_tansu "$RUN_DIR/tansu"
-start_redis "$RUN_DIR/redis"
+start_local_services bench
 target/release/examples/bench_e2e "127.0.0.1:$TANSU_PORT" "redis://127.0.0.1:$REDIS_PORT" \
   "$PWD/target/release/streamscore" "${1:-1000000}" "${2:-5000}" "${3:-30}"

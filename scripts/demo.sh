@@ -12,9 +12,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 RATE=${1:-200}
 
-ensure_build_deps
-ensure_redis
-ensure_tansu
+ensure_all
 apt_install curl
 log "building streamscore (release)"
 cargo build --release --quiet

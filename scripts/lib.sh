@@ -106,3 +106,20 @@ stop_started() {
   done
   SS_PIDS=()
 }
+
+# ensure_all: everything the tests, demo and benchmarks need on this machine.
+ensure_all() {
+  ensure_build_deps
+  ensure_redis
+  ensure_tansu
+}
+
+# start_local_services NAME: a throw-away folder, a broker and redis-server
+# in it, and a trap that stops them and removes the folder on exit. Sets
+# RUN_DIR, TANSU_PORT, REDIS_PORT.
+start_local_services() {
+  RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/streamscore-$1.XXXXXX")
+  trap 'stop_started; rm -rf "$RUN_DIR"' EXIT
+  start_tansu "$RUN_DIR/tansu"
+  start_redis "$RUN_DIR/redis"
+}

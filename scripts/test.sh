@@ -8,14 +8,8 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-ensure_build_deps
-ensure_redis
-ensure_tansu
-
-RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/streamscore-test.XXXXXX")
-trap 'stop_started; rm -rf "$RUN_DIR"' EXIT
-start_tansu "$RUN_DIR/tansu"
-start_redis "$RUN_DIR/redis"
+ensure_all
+start_local_services test
 
 export STREAMSCORE_TEST_BROKERS="127.0.0.1:$TANSU_PORT"
 export STREAMSCORE_TEST_REDIS="redis://127.0.0.1:$REDIS_PORT"
