@@ -243,6 +243,9 @@ pub struct RedisConfig {
     /// TTL of `fraud:txn:{txn_id}` and `fraud:user:{user_id}:latest`.
     #[serde(with = "humantime_serde")]
     pub score_ttl: Duration,
+    /// Consumer group of the Redis writer that follows `fraud-scores` into
+    /// Redis; default `{kafka.group_id}.redis-writer`.
+    pub writer_group: Option<String>,
 }
 
 impl Default for RedisConfig {
@@ -251,6 +254,7 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             key_prefix: String::new(),
             score_ttl: Duration::from_secs(7 * 24 * 3600),
+            writer_group: None,
         }
     }
 }
@@ -266,6 +270,7 @@ impl fmt::Debug for RedisConfig {
             .field("url", &url)
             .field("key_prefix", &self.key_prefix)
             .field("score_ttl", &self.score_ttl)
+            .field("writer_group", &self.writer_group)
             .finish()
     }
 }

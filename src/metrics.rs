@@ -7,8 +7,8 @@
 //! registered here.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::events::Reason;
@@ -30,6 +30,10 @@ pub struct Metrics {
     pub evicted_keys: IntCounterVec,
     pub model_info: IntGaugeVec,
     pub redis_errors: IntCounter,
+    pub redis_written: IntCounter,
+    pub redis_skipped: IntCounter,
+    pub redis_lag_messages: IntGauge,
+    pub redis_lag_seconds: Gauge,
     pub kafka_produce_errors: IntCounter,
     pub newest_event_time: IntGauge,
     pub warmup_events: IntCounter,
@@ -54,6 +58,20 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn float_gauge(r: &Registry, name: &str, help: &str) -> Gauge {
+    let g = Gauge::new(name, help).expect("valid metric definition");
     r.register(Box::new(g.clone()))
         .expect("metric registered once");
     g
@@ -84,7 +102,7 @@ impl Metrics {
             events_scored: counter(
                 &r,
                 "streamscore_events_scored_total",
-                "Transactions scored and acknowledged by Kafka and Redis.",
+                "Transactions scored and acknowledged by Kafka.",
             ),
             events_flagged: counter(
                 &r,
@@ -148,6 +166,26 @@ impl Metrics {
                 &r,
                 "streamscore_redis_errors_total",
                 "Failed Redis writes (each is retried).",
+            ),
+            redis_written: counter(
+                &r,
+                "streamscore_redis_written_total",
+                "Fraud scores the Redis writer cached from the fraud-scores topic.",
+            ),
+            redis_skipped: counter(
+                &r,
+                "streamscore_redis_skipped_total",
+                "fraud-scores records that are not scores; not cached.",
+            ),
+            redis_lag_messages: int_gauge(
+                &r,
+                "streamscore_redis_lag_messages",
+                "fraud-scores records not yet in Redis (high watermark minus the writer's position).",
+            ),
+            redis_lag_seconds: float_gauge(
+                &r,
+                "streamscore_redis_lag_seconds",
+                "While Redis is behind: now minus the scored_at of the newest score written; 0 when caught up.",
             ),
             kafka_produce_errors: counter(
                 &r,

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod produce;
 
 use rdkafka::config::ClientConfig;
+use rdkafka::TopicPartitionList;
 
 use crate::config::KafkaConfig;
 
@@ -46,4 +47,15 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str, commit_interval_ms: u64) 
     cc.set("enable.auto.offset.store", "false");
     cc.set("enable.partition.eof", "false");
     cc
+}
+
+/// The partitions of a list. rdkafka 0.36 builds a slice from the list's
+/// element pointer even when the list is empty (null), which a debug build
+/// of current Rust rejects with a panic: never touch the elements of an
+/// empty list.
+pub fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
+    if tpl.count() == 0 {
+        return Vec::new();
+    }
+    tpl.elements().iter().map(|e| e.partition()).collect()
 }

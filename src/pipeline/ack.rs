@@ -1,5 +1,5 @@
-//! Acknowledgement: the Redis writer task and the acker that stores a
-//! batch's offsets only after all its outputs are acknowledged.
+//! Acknowledgement: the acker stores a batch's offsets only after Kafka
+//! acknowledged all its outputs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,13 +8,12 @@ use anyhow::Context;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::Consumer_;
 use crate::events::Reason;
 use crate::kafka::produce;
 use crate::metrics::Metrics;
-use crate::sinks::redis::{RedisSink, ScoreEntry};
 
 /// A record enqueued to Kafka, kept until acknowledged so it can be re-sent.
 pub(crate) struct OutRecord {
@@ -27,8 +26,6 @@ pub(crate) struct OutRecord {
 /// A batch whose outputs are on their way.
 pub(crate) struct PendingBatch {
     pub(crate) deliveries: Vec<(DeliveryFuture, OutRecord)>,
-    /// Fires when the batch's Redis pipeline succeeded.
-    pub(crate) redis_done: oneshot::Receiver<()>,
     /// Next offset to consume, per partition.
     pub(crate) offsets: Vec<(i32, i64)>,
     pub(crate) event_times: Vec<i64>,
@@ -36,28 +33,6 @@ pub(crate) struct PendingBatch {
     pub(crate) dead: Vec<Reason>,
     pub(crate) newest_event_time: i64,
     pub(crate) taken_at: Instant,
-}
-
-/// One batch's Redis entries and who to tell when they are written.
-pub(crate) type RedisJob = (Vec<ScoreEntry>, oneshot::Sender<()>);
-
-/// Writes each batch's scores to Redis, one pipeline per batch, in batch
-/// order (so `:latest` keys end in log order), retrying until it succeeds.
-pub(crate) async fn redis_loop(
-    mut rx: mpsc::Receiver<RedisJob>,
-    redis: RedisSink,
-    metrics: Metrics,
-) {
-    while let Some((entries, done)) = rx.recv().await {
-        let mut backoff = Duration::from_millis(50);
-        while let Err(e) = redis.write_scores(&entries).await {
-            metrics.redis_errors.inc();
-            tracing::warn!(error = %e, "Redis write failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-        let _ = done.send(());
-    }
 }
 
 /// Waits for every output of each batch, in order, then stores its offsets.
@@ -86,9 +61,6 @@ pub(crate) async fn ack_loop(
                     }
                 }
             }
-        }
-        if b.redis_done.await.is_err() {
-            anyhow::bail!("the Redis writer stopped");
         }
         let mut tpl = TopicPartitionList::new();
         for (p, next) in &b.offsets {

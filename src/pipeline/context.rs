@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rdkafka::consumer::{ConsumerContext, Rebalance};
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::ClientContext;
 
 /// Partitions revoked since the loop last looked. The loop looks before
 /// every message, so the common "nothing revoked" case is one atomic load.
@@ -43,16 +43,7 @@ pub struct PipelineContext {
 
 impl ClientContext for PipelineContext {}
 
-/// The partitions of a list. rdkafka 0.36 builds a slice from the list's
-/// element pointer even when the list is empty (null), which a debug build
-/// of current Rust rejects with a panic: never touch the elements of an
-/// empty list.
-fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
-    if tpl.count() == 0 {
-        return Vec::new();
-    }
-    tpl.elements().iter().map(|e| e.partition()).collect()
-}
+use crate::kafka::partitions_of;
 
 fn describe(rebalance: &Rebalance<'_>) -> (&'static str, Vec<i32>) {
     match rebalance {

@@ -8,21 +8,24 @@
 //! enqueued to `fraud-scores` / `dead-letter`, and the batch is handed to the
 //! acker through a bounded channel (`max_in_flight_batches`: backpressure).
 //!
-//! A Redis task writes each batch's scores in one pipeline, in batch order,
-//! while Kafka acknowledges. The acker, in batch order, waits for every Kafka
-//! delivery and the batch's Redis write, and only then stores its offsets;
-//! librdkafka commits stored offsets every `commit_interval`. So an offset is
-//! committed only after its outputs are acknowledged by Kafka and Redis (at
-//! least once; outputs are idempotent by txn id). Failed deliveries and Redis
-//! writes are retried, never dropped.
+//! The acker, in batch order, waits for every Kafka delivery of a batch and
+//! only then stores its offsets; librdkafka commits stored offsets every
+//! `commit_interval`. So an offset is committed only after its outputs are
+//! acknowledged by Kafka (at least once; outputs are idempotent by txn id).
+//! Failed deliveries are retried, never dropped.
+//!
+//! Redis is not on this path: [`redis_writer`] follows `fraud-scores` into
+//! Redis with its own consumer group, so Redis being down or slow never stops
+//! scoring, and Redis catches up from its own committed offsets.
 
 mod ack;
 mod context;
 pub mod output;
+pub mod redis_writer;
 mod resume;
 pub mod warmup;
 
-use ack::{ack_loop, redis_loop, OutRecord, PendingBatch, RedisJob};
+use ack::{ack_loop, OutRecord, PendingBatch};
 pub use context::PipelineContext;
 
 use std::collections::{HashMap, HashSet};
@@ -35,7 +38,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, Producer};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -44,7 +47,7 @@ use crate::features::{FeatureEngine, Features, Lateness, WindowSpec};
 use crate::kafka::{self, produce};
 use crate::metrics::Metrics;
 use crate::model::FraudModel;
-use crate::sinks::redis::{RedisSink, ScoreEntry};
+use crate::sinks::redis::RedisSink;
 use crate::topics;
 use output::{DeadLetter, Decision, FraudScore, SourcePosition};
 
@@ -97,8 +100,6 @@ struct Stage {
     lateness: Lateness,
     /// `events_consumed{topic="transactions"}`, resolved once.
     consumed: prometheus::IntCounter,
-    /// Redis writes, in batch order, to the Redis task.
-    redis_tx: mpsc::Sender<RedisJob>,
     in_topic: String,
     health: Arc<Health>,
     /// Partitions whose windows were rebuilt since they were assigned.
@@ -206,11 +207,8 @@ impl Stage {
     ) -> anyhow::Result<PendingBatch> {
         let rows: Vec<Features> = accepted.iter().map(|s| s.features).collect();
         let scores = self.model.score(&rows).context("scoring a batch")?;
-        let (redis_tx, redis_done) = oneshot::channel();
-        let mut redis_entries = Vec::with_capacity(accepted.len());
         let mut batch = PendingBatch {
             deliveries: Vec::with_capacity(accepted.len() + rejected.len()),
-            redis_done,
             offsets: offsets.into_iter().collect(),
             event_times: Vec::with_capacity(accepted.len()),
             flagged: 0,
@@ -236,11 +234,10 @@ impl Stage {
             }
             let mut buf = Vec::with_capacity(1024);
             serde_json::to_writer(&mut buf, &out).context("serialising a score")?;
-            let json: Arc<[u8]> = buf.into();
             let rec = OutRecord {
                 topic: self.scores_topic.clone(),
                 key: s.txn.txn_id.as_bytes().to_vec(),
-                payload: json.clone(),
+                payload: buf.into(),
             };
             let fut = produce::enqueue(&self.producer, &rec.topic, &rec.key, &rec.payload, None)
                 .await
@@ -248,11 +245,6 @@ impl Stage {
             batch.deliveries.push((fut, rec));
             batch.event_times.push(s.txn.event_time);
             batch.newest_event_time = batch.newest_event_time.max(s.txn.event_time);
-            redis_entries.push(ScoreEntry {
-                txn_id: s.txn.txn_id,
-                user_id: s.txn.user_id,
-                json,
-            });
         }
         for r in &rejected {
             let (rej, source) = (&r.rejection, &r.source);
@@ -271,10 +263,6 @@ impl Stage {
                 .with_context(|| format!("producing to {}", self.dead_topic))?;
             batch.deliveries.push((fut, rec));
             batch.dead.push(rej.reason);
-        }
-        // The Redis task writes batches in order while Kafka acknowledges.
-        if self.redis_tx.send((redis_entries, redis_tx)).await.is_err() {
-            anyhow::bail!("the Redis writer stopped");
         }
         Ok(batch)
     }
@@ -360,7 +348,9 @@ pub async fn run(
     let producer: FutureProducer = kafka::producer_config(&cfg.kafka)
         .create()
         .context("creating the Kafka producer")?;
-    let redis = RedisSink::connect(&cfg.redis, Duration::from_secs(30)).await?;
+    // A bad URL stops start-up; an unreachable Redis does not (the writer
+    // connects and reconnects on its own).
+    RedisSink::check_url(&cfg.redis)?;
     consumer.subscribe(&[&in_topic])?;
     tracing::info!(topic = %in_topic, group = %cfg.kafka.group_id, "consuming");
 
@@ -372,8 +362,29 @@ pub async fn run(
         metrics.clone(),
         in_topic.clone(),
     ));
-    let (redis_tx, redis_rx) = mpsc::channel::<RedisJob>(cfg.processing.max_in_flight_batches);
-    tokio::spawn(redis_loop(redis_rx, redis, metrics.clone()));
+    // Redis follows the output topic on its own; it stops with the pipeline.
+    // A writer that fails for good (not Redis being down: that is retried)
+    // stops the pipeline, which then exits non-zero.
+    let writer_stop = CancellationToken::new();
+    let writer = {
+        let (cfg, metrics, stop, shutdown) = (
+            cfg.clone(),
+            metrics.clone(),
+            writer_stop.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let r = redis_writer::run(cfg, metrics, stop).await;
+            if let Err(e) = &r {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "the Redis writer failed; stopping"
+                );
+                shutdown.cancel();
+            }
+            r
+        })
+    };
     let mut stage = Stage {
         limits: Limits {
             max_message_bytes: cfg.processing.max_message_bytes,
@@ -389,7 +400,6 @@ pub async fn run(
         consumed: metrics
             .events_consumed
             .with_label_values(&[topics::TRANSACTIONS]),
-        redis_tx,
         in_topic: in_topic.clone(),
         health: health.clone(),
         warmed: HashSet::new(),
@@ -423,6 +433,14 @@ pub async fn run(
     }
     if let Err(e) = producer.flush(Duration::from_secs(5)) {
         tracing::warn!(error = %e, "producer flush at shutdown");
+    }
+    // The writer commits what it cached; the rest is cached on restart.
+    writer_stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(10), writer).await {
+        Ok(Ok(Err(e))) => return Err(e.context("the Redis writer")),
+        Ok(Err(e)) => anyhow::bail!("Redis writer task failed: {e}"),
+        Err(_) => tracing::warn!("Redis writer did not stop within 10 s"),
+        Ok(Ok(Ok(()))) => {}
     }
     result?;
     if !drained {

@@ -21,11 +21,28 @@ pub fn user_latest_key(prefix: &str, user_id: &str) -> String {
     format!("{prefix}fraud:user:{user_id}:latest")
 }
 
+/// Sets KEYS[1] to ARGV[1] with TTL ARGV[3] unless it holds a score whose
+/// `event_time` is newer than ARGV[2].
+pub const LATEST_SCRIPT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, d = pcall(cjson.decode, cur)
+  if ok and type(d) == 'table' and tonumber(d['event_time']) ~= nil
+     and tonumber(d['event_time']) > tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+"#;
+
 /// One score to cache.
 #[derive(Debug, Clone)]
 pub struct ScoreEntry {
     pub txn_id: String,
     pub user_id: String,
+    /// The transaction's event time (orders `:latest`).
+    pub event_time: i64,
     /// The score JSON (shared with the Kafka record).
     pub json: std::sync::Arc<[u8]>,
 }
@@ -39,13 +56,25 @@ pub struct RedisSink {
 }
 
 impl RedisSink {
+    /// Checks `redis.url` without connecting.
+    pub fn check_url(cfg: &RedisConfig) -> anyhow::Result<()> {
+        redis::Client::open(cfg.url.as_str()).map_err(|e| anyhow::anyhow!("redis.url: {e}"))?;
+        Ok(())
+    }
+
     /// Connects, retrying until `wait` has passed; the error names the URL's host.
     pub async fn connect(cfg: &RedisConfig, wait: Duration) -> anyhow::Result<RedisSink> {
         let client =
             redis::Client::open(cfg.url.as_str()).map_err(|e| anyhow::anyhow!("redis.url: {e}"))?;
         let deadline = tokio::time::Instant::now() + wait;
         let conn = loop {
-            match client.get_connection_manager().await {
+            // Bounded waits: a Redis that is down or hung fails fast and the
+            // caller decides when to try again.
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_number_of_retries(1)
+                .set_connection_timeout(Duration::from_secs(2))
+                .set_response_timeout(Duration::from_secs(5));
+            match client.get_connection_manager_with_config(config).await {
                 Ok(c) => break c,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::warn!(error = %e, "Redis not reachable yet; retrying");
@@ -65,13 +94,17 @@ impl RedisSink {
     }
 
     /// Writes `fraud:txn:{id}` and `fraud:user:{user}:latest` for each entry
-    /// in one pipeline. Entries are in log order, so the last score of a user
-    /// in the batch is the one left in `:latest`.
+    /// in one pipeline. `:latest` is replaced only by a score whose event
+    /// time is not older than the one it holds ([`LATEST_SCRIPT`]), so scores
+    /// of one user arriving from different partitions, or again after a
+    /// crash, never move it back.
     pub async fn write_scores(&self, entries: &[ScoreEntry]) -> redis::RedisResult<()> {
         if entries.is_empty() {
             return Ok(());
         }
+        let script = redis::Script::new(LATEST_SCRIPT);
         let mut pipe = redis::pipe();
+        pipe.load_script(&script).ignore();
         for e in entries {
             pipe.cmd("SET")
                 .arg(txn_key(&self.prefix, &e.txn_id))
@@ -79,12 +112,14 @@ impl RedisSink {
                 .arg("EX")
                 .arg(self.ttl_secs)
                 .ignore();
-            pipe.cmd("SET")
-                .arg(user_latest_key(&self.prefix, &e.user_id))
-                .arg(&*e.json)
-                .arg("EX")
-                .arg(self.ttl_secs)
-                .ignore();
+            pipe.invoke_script(
+                script
+                    .key(user_latest_key(&self.prefix, &e.user_id))
+                    .arg(&*e.json)
+                    .arg(e.event_time)
+                    .arg(self.ttl_secs),
+            )
+            .ignore();
         }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await

@@ -63,7 +63,7 @@ fn every_valid_event_scored_once_bad_ones_dead_lettered_and_counted() {
         |r| r.len() >= n,
         || run.log_text(),
     );
-    let counts = key_counts(&scores);
+    let counts = txn_counts(&scores);
     let got: HashSet<String> = counts.keys().cloned().collect();
     assert_eq!(got, want, "scored ids differ from produced ids");
     let dups: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).collect();
@@ -126,16 +126,17 @@ fn every_valid_event_scored_once_bad_ones_dead_lettered_and_counted() {
     let bad_set: HashSet<Vec<u8>> = bad.iter().cloned().collect();
     assert_eq!(raws, bad_set, "dead letters must carry the exact raw bytes");
 
-    // Redis: every score with a TTL, and the users' latest.
+    // Redis (written by the follower of fraud-scores): every score with a
+    // TTL, and the users' latest.
+    let ids: Vec<String> = want.iter().cloned().collect();
+    let ttls = wait_redis_scores(
+        &redis_url(),
+        &env.redis_prefix,
+        &ids,
+        Duration::from_secs(30),
+        || run.log_text(),
+    );
     let mut con = redis_conn();
-    let mut pipe = redis::pipe();
-    for id in &want {
-        pipe.cmd("TTL")
-            .arg(format!("{}fraud:txn:{id}", env.redis_prefix));
-    }
-    let ttls: Vec<i64> = pipe.query(&mut con).unwrap();
-    let missing = ttls.iter().filter(|t| **t == -2).count();
-    assert_eq!(missing, 0, "fraud:txn keys missing in Redis");
     assert!(
         ttls.iter().all(|t| (1..=3600).contains(t)),
         "TTL must be set (1h)"
@@ -150,6 +151,14 @@ fn every_valid_event_scored_once_bad_ones_dead_lettered_and_counted() {
         .unwrap();
     let latest: serde_json::Value = serde_json::from_str(&latest).unwrap();
     assert_eq!(latest["user_id"], last.user_id.as_str());
+    // `:latest` is the user's newest transaction by event time (not the
+    // late one, produced after it but ten minutes older).
+    let newest = txns
+        .iter()
+        .filter(|t| t.user_id == last.user_id)
+        .max_by_key(|t| t.event_time)
+        .unwrap();
+    assert_eq!(latest["txn_id"], newest.txn_id.as_str(), "{latest}");
     let cached: String = redis::cmd("GET")
         .arg(format!("{}fraud:txn:{}", env.redis_prefix, last.txn_id))
         .query(&mut con)

@@ -28,7 +28,7 @@ fn second_instance_joins_first_leaves_nothing_lost_user_features_exact() {
     let scores = read_all_scores(&env, N, || {
         format!("a:\n{}\nb:\n{}", a.log_text(), b.log_text())
     });
-    let counts = key_counts(&scores);
+    let counts = txn_counts(&scores);
     let missing = want.keys().filter(|id| !counts.contains_key(*id)).count();
     assert_eq!(missing, 0, "txn ids lost across the rebalance");
     let mismatches = user_feature_mismatches(&scores, &want);

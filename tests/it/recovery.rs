@@ -26,9 +26,13 @@ fn crash_mid_stream_loses_nothing_and_rebuilds_windows_from_the_log() {
     let second = env.spawn_run("second");
     feeder.join().expect("feeder");
     let scores = read_all_scores(&env, N, || {
-        format!("second run log:\n{}", second.log_text())
+        format!(
+            "first run log:\n{}\nsecond run log:\n{}",
+            first.log_text(),
+            second.log_text()
+        )
     });
-    let counts = key_counts(&scores);
+    let counts = txn_counts(&scores);
     let missing = want.keys().filter(|id| !counts.contains_key(*id)).count();
     assert_eq!(missing, 0, "txn ids lost in the crash");
     // At most what was in flight: max_in_flight_batches x batch_max_events,

@@ -45,7 +45,7 @@ fn graceful_restart_mid_stream_loses_nothing_and_duplicates_nothing() {
             second.log_text()
         )
     });
-    let counts = key_counts(&scores);
+    let counts = txn_counts(&scores);
     let want: HashSet<&String> = txns.iter().map(|t| &t.txn_id).collect();
     let missing = want.iter().filter(|id| !counts.contains_key(**id)).count();
     assert_eq!(missing, 0, "txn ids missing after restart");

@@ -2,7 +2,7 @@
 //! absent), unique names, topic creation, the `streamscore` binary as a child
 //! process, producing, reading topics, Redis and metrics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -177,11 +177,22 @@ bind = "127.0.0.1:{port}"
     /// Starts another `streamscore run` of this environment, serving its
     /// metrics on `http_port`.
     pub fn spawn_run_on(&self, tag: &str, http_port: u16) -> RunningProcess {
+        self.spawn_run_with(tag, http_port, &[])
+    }
+
+    /// Starts `streamscore run` with extra environment (config overrides).
+    pub fn spawn_run_with(
+        &self,
+        tag: &str,
+        http_port: u16,
+        vars: &[(&str, &str)],
+    ) -> RunningProcess {
         let log = self.dir.path().join(format!("run-{tag}.log"));
         let f = std::fs::File::create(&log).expect("log file");
         let child = self
             .command(&["run"])
             .env("STREAMSCORE__HTTP__BIND", format!("127.0.0.1:{http_port}"))
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(f)
             .spawn()
@@ -295,18 +306,9 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
-/// Reads every partition of `topic` from the beginning, without a group
-/// commit, until `done(records)` says so or `within` passes (then fails,
-/// showing `context()`).
-/// After `done`, keeps reading until nothing new arrives for `settle`, so
-/// duplicates that are on their way are seen too.
-pub fn read_topic(
-    topic: &str,
-    within: Duration,
-    settle: Duration,
-    mut done: impl FnMut(&[Record]) -> bool,
-    context: impl Fn() -> String,
-) -> Vec<Record> {
+/// A reader of every partition of `topic` from the beginning, without a
+/// group commit.
+fn topic_reader(topic: &str) -> BaseConsumer {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", unique("reader"))
@@ -321,11 +323,29 @@ pub fn read_topic(
     let mut tpl = TopicPartitionList::new();
     for t in md.topics() {
         for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+            tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Offset(0))
                 .expect("tpl");
         }
     }
     c.assign(&tpl).expect("assign");
+    c
+}
+
+/// Reads every partition of `topic` from the beginning, without a group
+/// commit, until `done(records)` says so or `within` passes (then fails,
+/// showing `context()`).
+/// After `done`, keeps reading until nothing new arrives for `settle`, so
+/// duplicates that are on their way are seen too.
+/// A record delivered twice (same partition and offset) is kept once.
+pub fn read_topic(
+    topic: &str,
+    within: Duration,
+    settle: Duration,
+    mut done: impl FnMut(&[Record]) -> bool,
+    context: impl Fn() -> String,
+) -> Vec<Record> {
+    let c = topic_reader(topic);
+    let mut seen: HashSet<(i32, i64)> = HashSet::new();
     let deadline = Instant::now() + within;
     let mut out = Vec::new();
     let mut satisfied_at: Option<Instant> = None;
@@ -333,6 +353,9 @@ pub fn read_topic(
     loop {
         match c.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
+                if !seen.insert((m.partition(), m.offset())) {
+                    continue;
+                }
                 out.push(Record {
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     payload: m.payload().unwrap_or_default().to_vec(),
@@ -344,29 +367,41 @@ pub fn read_topic(
             Some(Err(e)) => panic!("reading {topic}: {e}"),
             None => {}
         }
-        // `done` may be O(records): ask it a few times a second, not per message.
+        // `done` may be O(records) and slow: ask it after at least 200 ms of
+        // reading since it last answered, never per message.
         if satisfied_at.is_none() && last_check.elapsed() >= Duration::from_millis(200) {
-            last_check = Instant::now();
             if done(&out) {
                 satisfied_at = Some(Instant::now());
             }
+            last_check = Instant::now();
         }
         if let Some(t) = satisfied_at {
             if t.elapsed() >= settle {
                 return out;
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out reading {topic}: {} records so far; {}",
-            out.len(),
-            context()
-        );
+        if Instant::now() >= deadline {
+            let mut per: HashMap<i32, (usize, i64)> = HashMap::new();
+            for (p, o) in &seen {
+                let e = per.entry(*p).or_insert((0, -1));
+                e.0 += 1;
+                e.1 = e.1.max(*o);
+            }
+            let mut per: Vec<_> = per.into_iter().collect();
+            per.sort_unstable();
+            panic!(
+                "timed out reading {topic}: {} records so far (per partition: (count, max offset) {per:?}); {}",
+                out.len(),
+                context()
+            );
+        }
     }
 }
 
 /// Distinct keys of a record list, with their counts.
-pub fn key_counts(records: &[Record]) -> HashMap<String, usize> {
+/// How many times each `txn_id` appears in fraud-score records (the key;
+/// a test checks key and payload agree).
+pub fn txn_counts(records: &[Record]) -> HashMap<String, usize> {
     let mut m = HashMap::new();
     for r in records {
         *m.entry(r.key.clone().unwrap_or_default()).or_insert(0) += 1;
@@ -410,6 +445,44 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
             (base == name).then(|| v.parse::<f64>().ok())?
         })
         .sum()
+}
+
+/// TTLs of `{prefix}fraud:txn:{id}` for every id (-2: missing).
+pub fn score_key_ttls(url: &str, prefix: &str, ids: &[String]) -> Option<Vec<i64>> {
+    let mut con = redis::Client::open(url).ok()?.get_connection().ok()?;
+    let mut pipe = redis::pipe();
+    for id in ids {
+        pipe.cmd("TTL").arg(format!("{prefix}fraud:txn:{id}"));
+    }
+    pipe.query(&mut con).ok()
+}
+
+/// Waits until Redis holds `fraud:txn:{id}` for every id (the Redis writer
+/// follows the fraud-scores topic) and returns their TTLs.
+pub fn wait_redis_scores(
+    url: &str,
+    prefix: &str,
+    ids: &[String],
+    within: Duration,
+    context: impl Fn() -> String,
+) -> Vec<i64> {
+    let mut missing = ids.len();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(ttls) = score_key_ttls(url, prefix, ids) {
+            missing = ttls.iter().filter(|t| **t == -2).count();
+            if missing == 0 {
+                return ttls;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} fraud:txn keys still missing in Redis at {url} after {within:?}; {}",
+            ids.len(),
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 pub fn redis_conn() -> redis::Connection {
@@ -546,7 +619,88 @@ pub fn read_all_scores(env: &TestEnv, n: usize, context: impl Fn() -> String) ->
         &env.topic("fraud-scores"),
         Duration::from_secs(180),
         Duration::from_secs(3),
-        |r| key_counts(r).len() >= n,
+        |r| txn_counts(r).len() >= n,
         context,
     )
+}
+
+/// A redis-server of one test, with an append-only file so a stop and
+/// start keeps its data (like a production Redis with persistence).
+pub struct OwnRedis {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    pub fn start(dir: &std::path::Path) -> OwnRedis {
+        std::fs::create_dir_all(dir).expect("redis dir");
+        let mut r = OwnRedis {
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts redis-server on the same port and data folder; waits for PING.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis-server already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(self.dir.join("redis.log"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server (the Debian package redis-server): {e}")
+            });
+        self.child = Some(child);
+        let url = self.url();
+        wait_for(
+            Duration::from_secs(15),
+            "the test's redis-server to answer",
+            || {
+                let mut c = redis::Client::open(url.as_str())
+                    .ok()?
+                    .get_connection()
+                    .ok()?;
+                redis::cmd("PING").query::<String>(&mut c).ok()
+            },
+        );
+    }
+
+    /// SIGTERM (redis-server flushes its append-only file) and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
