@@ -24,6 +24,11 @@ impl Lateness {
         self.newest.remove(&partition);
     }
 
+    /// The newest event time seen on each partition (the partition clocks).
+    pub fn newest(&self) -> &HashMap<i32, i64> {
+        &self.newest
+    }
+
     /// Observes an event of `partition` at `event_time`; true when it is late
     /// beyond the grace period.
     pub fn is_late(&mut self, partition: i32, event_time: i64) -> bool {

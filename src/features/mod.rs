@@ -12,6 +12,7 @@ pub mod window;
 
 pub use lateness::Lateness;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use dashmap::DashMap;
@@ -340,10 +341,14 @@ impl FeatureEngine {
         out[8] = u
             .merchants_hour
             .query(t.event_time.div_euclid(s.hour_bucket_ms)) as f32;
-        out[9] = if u.last_event_time == i64::MIN {
-            NO_PREVIOUS_SECONDS
-        } else {
-            (((t.event_time - u.last_event_time).max(0)) as f32 / 1000.0).min(NO_PREVIOUS_SECONDS)
+        // Only a previous transaction within the longest horizon counts: a
+        // replay of that horizon (warm-up) must give the same value as a run
+        // that never stopped, so older history reads as "none".
+        out[9] = match t.event_time.checked_sub(u.last_event_time) {
+            Some(gap) if u.last_event_time != i64::MIN && gap <= LONGEST_HORIZON_MS => {
+                gap.max(0) as f32 / 1000.0
+            }
+            _ => NO_PREVIOUS_SECONDS,
         };
         // Amount statistics over the same 24 h window (so a replay of the
         // window horizon rebuilds them exactly).
@@ -526,18 +531,38 @@ impl FeatureEngine {
         (v != i64::MIN).then_some(v)
     }
 
-    /// Drops keys with no event within the longest horizon plus grace of
-    /// the newest event time, and measures what stays. Returns the evicted
-    /// (users, merchants) and the stats after eviction.
+    /// [`FeatureEngine::evict_idle_by`] with one clock: the newest event
+    /// time folded in (for state fed from a single ordered stream).
     pub fn evict_idle(&self) -> ((usize, usize), StoreStats) {
         let Some(newest) = self.max_event_time() else {
             return ((0, 0), self.stats_only());
         };
-        let cutoff = newest - LONGEST_HORIZON_MS - self.spec.grace_ms;
+        self.evict_idle_by(&HashMap::from([(-1, newest)]))
+    }
+
+    /// Drops keys with no event within the longest horizon plus grace, and
+    /// measures what stays. Returns the evicted (users, merchants) and the
+    /// stats after eviction.
+    ///
+    /// Time is per input partition (`newest`: newest event time seen on
+    /// each): partitions move through event time at their own pace (during
+    /// catch-up one can be hours ahead of another), so a user is idle by its
+    /// own partition's clock, and a merchant, whose events come from every
+    /// partition, by the slowest one. A user of a partition with no clock is
+    /// kept.
+    pub fn evict_idle_by(&self, newest: &HashMap<i32, i64>) -> ((usize, usize), StoreStats) {
+        let Some(slowest) = newest.values().copied().min() else {
+            return ((0, 0), self.stats_only());
+        };
+        let keep_for = LONGEST_HORIZON_MS + self.spec.grace_ms;
+        let merchant_cutoff = slowest - keep_for;
         let (mut eu, mut em) = (0, 0);
         let mut stats = StoreStats::default();
         self.users.retain(|k, u| {
-            let keep = u.last_event_time >= cutoff;
+            let keep = match newest.get(&u.partition) {
+                Some(n) => u.last_event_time >= n - keep_for,
+                None => true,
+            };
             if keep {
                 stats.user_bytes += u.heap_bytes() + k.len() + std::mem::size_of::<UserState>();
             } else {
@@ -546,7 +571,7 @@ impl FeatureEngine {
             keep
         });
         self.merchants.retain(|k, m| {
-            let keep = m.last_event_time >= cutoff;
+            let keep = m.last_event_time >= merchant_cutoff;
             if keep {
                 stats.merchant_bytes +=
                     m.heap_bytes() + k.len() + std::mem::size_of::<MerchantState>();

@@ -39,6 +39,18 @@ fn features_are_point_in_time_the_event_itself_is_not_counted() {
     assert_eq!(f(&b, "user_seconds_since_last_txn"), 20.0);
     assert_eq!(f(&b, "merchant_txn_count_1h"), 1.0);
     assert_eq!(f(&b, "merchant_amount_mean_1h"), 10.0);
+    // A previous transaction beyond the 24 h horizon reads as none (a replay
+    // of the horizon could not know it).
+    let day = 24 * 3600 * 1000;
+    let late = FeatureEngine::new(spec());
+    late.process(&txn(10, "v", "m", 10.0, T0), true);
+    let within = late.process(&txn(11, "v", "m", 10.0, T0 + day), true);
+    assert_eq!(f(&within, "user_seconds_since_last_txn"), 86_400.0);
+    let beyond = late.process(&txn(12, "v", "m", 10.0, T0 + 2 * day + 1), true);
+    assert_eq!(
+        f(&beyond, "user_seconds_since_last_txn"),
+        NO_PREVIOUS_SECONDS
+    );
     let c = e.process(&txn(3, "u", "m2", 20.0, T0 + 40_000), true);
     assert_eq!(f(&c, "user_txn_count_1m"), 2.0);
     assert_eq!(f(&c, "user_amount_sum_1m"), 40.0);
@@ -212,6 +224,30 @@ fn idle_keys_are_evicted_after_the_longest_horizon_plus_grace() {
     let ((eu, em), stats) = e.evict_idle();
     assert_eq!((eu, em), (1, 1));
     assert_eq!((stats.user_keys, stats.merchant_keys), (1, 1));
+}
+
+#[test]
+fn idleness_is_judged_by_each_partition_own_clock() {
+    // Partition 1 runs a day and more ahead of partition 0 (catch-up): the
+    // users of partition 0 are not idle by their own partition's clock.
+    let e = FeatureEngine::new(spec());
+    let far = T0 + LONGEST_HORIZON_MS + spec().grace_ms + 3_600_000;
+    e.process_from(0, &txn(1, "slow-user", "m-shared", 10.0, T0), true);
+    e.process_from(1, &txn(2, "fast-user", "m-shared", 10.0, far), true);
+    e.process_from(1, &txn(3, "fast-old", "m-fast", 10.0, T0), true);
+    let clocks = std::collections::HashMap::from([(0, T0), (1, far)]);
+    let ((eu, em), stats) = e.evict_idle_by(&clocks);
+    // fast-old is idle on partition 1's clock; slow-user is not on its own.
+    assert_eq!(eu, 1);
+    assert_eq!(stats.user_keys, 2);
+    // Merchants go by the slowest clock: none is idle yet.
+    assert_eq!(em, 0);
+    let ((eu, em), _) = e.evict_idle_by(&std::collections::HashMap::from([(0, far), (1, far)]));
+    assert_eq!(
+        (eu, em),
+        (1, 1),
+        "slow-user and m-fast once partition 0 caught up"
+    );
 }
 
 #[test]

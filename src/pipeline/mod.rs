@@ -268,7 +268,7 @@ impl Stage {
     }
 
     fn evict(&self) {
-        let ((eu, em), stats) = self.engine.evict_idle();
+        let ((eu, em), stats) = self.engine.evict_idle_by(self.lateness.newest());
         let m = &self.metrics;
         let (lu, lm) = self.engine.take_limit_evictions();
         for (store, reason, n) in [

@@ -21,8 +21,8 @@ pub fn user_latest_key(prefix: &str, user_id: &str) -> String {
     format!("{prefix}fraud:user:{user_id}:latest")
 }
 
-/// Sets KEYS[1] to ARGV[1] with TTL ARGV[3] unless it holds a score whose
-/// `event_time` is newer than ARGV[2].
+/// Sets `KEYS[1]` to `ARGV[1]` with TTL `ARGV[3]` unless it holds a score
+/// whose `event_time` is newer than `ARGV[2]`.
 pub const LATEST_SCRIPT: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if cur then
