@@ -47,6 +47,10 @@ TOML
 export STREAMSCORE_CONFIG=$RUN_DIR/streamscore.toml
 
 "$BIN" topics apply
+# History for recommendations: 30,000 interactions of 2,000 users over 2,000
+# items in taste groups (and 10,000 past transactions, scored at start-up).
+"$BIN" generate --count 10000 --users 2000 --merchants 200 --interactions-per-txn 3 --seed 11 \
+  2>"$RUN_DIR/history.log"
 # Own sessions: Ctrl-C reaches `watch` only; cleanup stops these in order.
 setsid "$BIN" run 2>"$RUN_DIR/run.log" &
 RUN_PID=$!
@@ -74,6 +78,14 @@ GEN_PID=$!
   redis-cli -p "$REDIS_PORT" GET "$key" | cut -c1-400
   echo "TTL $key = $(redis-cli -p "$REDIS_PORT" TTL "$key") s"
   echo "dead-lettered so far: $(curl -s "http://127.0.0.1:$HTTP_PORT/metrics" | awk '/^streamscore_dead_letter_total/ {s+=$2} END {print s+0}')"
+  echo
+  echo "---- streamscore rebuild: recommendations from the whole interactions log ----"
+  "$BIN" rebuild >"$RUN_DIR/rebuild.json" 2>"$RUN_DIR/rebuild.log"
+  tail -1 "$RUN_DIR/rebuild.log"
+  echo "GET recs:meta"
+  redis-cli -p "$REDIS_PORT" GET recs:meta | cut -c1-300
+  echo "GET recs:user-7"
+  redis-cli -p "$REDIS_PORT" GET recs:user-7 | cut -c1-300
   echo "-----------------------------------------------------"
   echo
 ) &

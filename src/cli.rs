@@ -51,8 +51,21 @@ pub enum Command {
     /// Score transactions in stream until SIGTERM/Ctrl-C (then drain, commit, exit 0).
     ///
     /// Serves /metrics and /healthz on http.bind. Offsets are committed only
-    /// after each event's score is acknowledged by Kafka and Redis.
+    /// after each event's score is acknowledged by Kafka; a Redis writer
+    /// follows fraud-scores into Redis.
     Run,
+    /// Rebuild recommendation candidates from the whole interactions log and
+    /// publish them as the next generation (recommendations topic, Redis).
+    ///
+    /// Reads every partition from the beginning up to the end offsets taken
+    /// at start, with a consumer that never commits; prints progress (events,
+    /// events/s, ETA) to stderr and the new recs:meta as JSON to stdout. The
+    /// same log range gives the same candidates (see the digest).
+    Rebuild,
+    /// Measure recommendation quality on the interactions log: hold out each
+    /// user's last interaction, build on the rest, report recall@K and
+    /// NDCG@K of the candidates and of the popularity list (JSON).
+    EvalRecs,
     /// Create or check the topics of topics/topics.toml.
     #[command(subcommand)]
     Topics(TopicsCommand),

@@ -333,3 +333,89 @@ pub async fn topics_apply(cfg: &Config, file: Option<&std::path::Path>) -> anyho
     }
     Ok(code)
 }
+
+/// Reads the interactions log off the reactor, printing progress.
+async fn read_interactions(
+    cfg: &Config,
+    mut fold: impl FnMut(crate::events::Interaction) + Send + 'static,
+) -> anyhow::Result<crate::recs::replay::ReplayStats> {
+    let kafka = cfg.kafka.clone();
+    let topic = cfg.topic(crate::topics::INTERACTIONS);
+    let limits = crate::events::Limits {
+        max_message_bytes: cfg.processing.max_message_bytes,
+        max_future_skew_ms: cfg.processing.max_future_skew.as_millis() as i64,
+    };
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        crate::recs::replay::read_all(&kafka, &topic, &limits, &mut fold, |done, total| {
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let rate = done as f64 / secs;
+            let eta = if rate > 0.0 {
+                total.saturating_sub(done) as f64 / rate
+            } else {
+                0.0
+            };
+            eprintln!("rebuild: {done}/{total} events replayed, {rate:.0} events/s, ETA {eta:.0}s");
+        })
+    })
+    .await
+    .context("replay task")?
+}
+
+/// `streamscore rebuild`: one generation of candidates from the whole log.
+pub async fn rebuild(cfg: &Config) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let builder = std::sync::Arc::new(std::sync::Mutex::new(crate::recs::Builder::new(&cfg.recs)));
+    let b = builder.clone();
+    let stats = read_interactions(cfg, move |e| {
+        if let Ok(mut b) = b.lock() {
+            b.add(&e);
+        }
+    })
+    .await?;
+    let builder = std::sync::Arc::try_unwrap(builder)
+        .map_err(|_| anyhow::anyhow!("the replay still holds the builder"))?
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("the builder was poisoned"))?;
+    let candidates = builder.finish();
+    let meta =
+        crate::recs::publish::publish(cfg, &candidates, stats.ranges, crate::now_ms()).await?;
+    eprintln!(
+        "rebuild: generation {} with {} users from {} events ({} malformed skipped) in {:.1}s",
+        meta.generation,
+        meta.users,
+        stats.events,
+        stats.skipped_invalid,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", serde_json::to_string(&meta)?);
+    Ok(())
+}
+
+/// `streamscore eval-recs`: hold-out quality of candidates vs popularity.
+pub async fn eval_recs(cfg: &Config) -> anyhow::Result<()> {
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let stats = read_interactions(cfg, move |e| {
+        if let Ok(mut v) = sink.lock() {
+            v.push(e);
+        }
+    })
+    .await?;
+    let events = std::mem::take(
+        &mut *events
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the event list was poisoned"))?,
+    );
+    let (cands, popular) = crate::recs::holdout_eval(&events, &cfg.recs);
+    let out = serde_json::json!({
+        "k": cfg.recs.top_k,
+        "events": stats.events,
+        "skipped_invalid": stats.skipped_invalid,
+        "held_out_users": cands.users,
+        "candidates": { "recall": cands.recall, "ndcg": cands.ndcg },
+        "popular": { "recall": popular.recall, "ndcg": popular.ndcg },
+    });
+    println!("{out}");
+    Ok(())
+}

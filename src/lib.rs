@@ -40,6 +40,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod recs;
 pub mod sinks;
 pub mod topics;
 

@@ -71,6 +71,8 @@ async fn real_main(cli: Cli, cfg: Config) -> anyhow::Result<i32> {
             let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
             r.map(|()| 0)
         }
+        Command::Rebuild => commands::rebuild(&cfg).await.map(|()| 0),
+        Command::EvalRecs => commands::eval_recs(&cfg).await.map(|()| 0),
         Command::Topics(TopicsCommand::Apply { file }) => {
             commands::topics_apply(&cfg, file.as_deref()).await
         }

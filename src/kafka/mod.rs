@@ -59,3 +59,17 @@ pub fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
     }
     tpl.elements().iter().map(|e| e.partition()).collect()
 }
+
+/// Configuration of a consumer that only reads (replays, rebuilds): common
+/// and `[kafka.consumer]` options, a one-off `group` that never commits.
+pub fn reader_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut cc = base_config(cfg);
+    for (k, v) in &cfg.consumer {
+        cc.set(k, v);
+    }
+    cc.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    cc
+}

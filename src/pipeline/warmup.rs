@@ -73,18 +73,10 @@ pub struct Replay<'a> {
 }
 
 fn replay_consumer(kafka: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
-    let mut cc = crate::kafka::base_config(kafka);
-    for (k, v) in &kafka.consumer {
-        cc.set(k, v);
-    }
-    cc.set(
-        "group.id",
-        format!("streamscore-warmup-{}", std::process::id()),
-    )
-    .set("enable.auto.commit", "false")
-    .set("enable.auto.offset.store", "false")
-    .set("enable.partition.eof", "false");
-    cc.create().context("creating the warm-up consumer")
+    let group = format!("streamscore-warmup-{}", std::process::id());
+    crate::kafka::reader_config(kafka, &group)
+        .create()
+        .context("creating the warm-up consumer")
 }
 
 /// Replays `[offset for (at − 24 h − grace), until)` of one partition into

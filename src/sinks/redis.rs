@@ -36,6 +36,21 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 return 1
 "#;
 
+/// Key of a user's recommendation candidates.
+pub fn recs_key(prefix: &str, user_id: &str) -> String {
+    format!("{prefix}recs:{user_id}")
+}
+
+/// Key of the popularity list (the fallback of users without `recs:{id}`).
+pub fn recs_popular_key(prefix: &str) -> String {
+    format!("{prefix}recs:popular")
+}
+
+/// Key of the generation metadata, written after the rest of a generation.
+pub fn recs_meta_key(prefix: &str) -> String {
+    format!("{prefix}recs:meta")
+}
+
 /// One score to cache.
 #[derive(Debug, Clone)]
 pub struct ScoreEntry {

@@ -2,6 +2,7 @@ mod cli;
 mod fraud_path;
 mod rebalance;
 mod recovery;
+mod recs;
 mod redis_outage;
 mod restart;
 mod schemas;

@@ -1,0 +1,178 @@
+//! Publishes one generation of candidates: every user's record to the
+//! compacted `recommendations` topic (key user id), then Redis
+//! `recs:{user_id}` and `recs:popular` with the configured TTL, and
+//! `recs:meta` last, so a reader that sees a generation in `recs:meta` finds
+//! all of it.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::producer::FutureProducer;
+use serde::{Deserialize, Serialize};
+
+use super::replay::Range;
+use super::{Candidates, Scored, Source};
+use crate::config::Config;
+use crate::kafka::{self, produce};
+use crate::sinks::redis::{recs_key, recs_meta_key, recs_popular_key};
+use crate::topics;
+
+/// One user's record (schemas/recommendation.json).
+#[derive(Debug, Serialize)]
+pub struct RecRecord<'a> {
+    pub user_id: &'a str,
+    pub items: &'a [Scored],
+    pub source: Source,
+    pub generation: u64,
+    pub built_at: i64,
+    pub offsets: &'a [Range],
+}
+
+/// `recs:meta`: which generation Redis holds and what it covers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    pub generation: u64,
+    pub built_at: i64,
+    pub offsets: Vec<Range>,
+    pub users: usize,
+    pub events: u64,
+    pub items: usize,
+    /// FNV-1a 64 of every user's ranked items (hex): equal for equal
+    /// candidates, whatever the generation and build time.
+    pub digest: String,
+}
+
+/// FNV-1a 64 over the candidates' canonical text.
+pub fn digest(c: &Candidates) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |b: &[u8]| {
+        for x in b {
+            h ^= u64::from(*x);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for u in &c.users {
+        feed(u.user_id.as_bytes());
+        feed(if u.source == Source::Batch {
+            b"B"
+        } else {
+            b"P"
+        });
+        for s in &u.items {
+            feed(s.item_id.as_bytes());
+            feed(format!("{:.6}", s.score).as_bytes());
+        }
+        feed(b"\n");
+    }
+    for s in &c.popular {
+        feed(s.item_id.as_bytes());
+        feed(format!("{:.6}", s.score).as_bytes());
+    }
+    format!("{h:016x}")
+}
+
+async fn redis_conn(cfg: &Config) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(cfg.redis.url.as_str())
+        .map_err(|e| anyhow::anyhow!("redis.url: {e}"))?;
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .context("connecting to Redis")
+}
+
+/// The generation Redis holds now, if any.
+pub async fn current_meta(cfg: &Config) -> anyhow::Result<Option<Meta>> {
+    let mut con = redis_conn(cfg).await?;
+    let raw: Option<String> = redis::cmd("GET")
+        .arg(recs_meta_key(&cfg.redis.key_prefix))
+        .query_async(&mut con)
+        .await
+        .context("reading recs:meta")?;
+    Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+}
+
+/// Publishes `c` as the next generation; returns its `recs:meta`.
+pub async fn publish(
+    cfg: &Config,
+    c: &Candidates,
+    offsets: Vec<Range>,
+    built_at: i64,
+) -> anyhow::Result<Meta> {
+    let generation = current_meta(cfg).await?.map_or(1, |m| m.generation + 1);
+    let topic = cfg.topic(topics::RECOMMENDATIONS);
+    let producer: FutureProducer = kafka::producer_config(&cfg.kafka)
+        .create()
+        .context("creating the Kafka producer")?;
+    let prefix = &cfg.redis.key_prefix;
+    let ttl = cfg.recs.ttl.as_secs().max(1);
+    let mut con = redis_conn(cfg).await?;
+    // Topic and Redis, in chunks (bounded memory), every write acknowledged.
+    for chunk in c.users.chunks(1_000) {
+        let mut futs = Vec::with_capacity(chunk.len());
+        let mut pipe = redis::pipe();
+        for u in chunk {
+            let rec = RecRecord {
+                user_id: &u.user_id,
+                items: &u.items,
+                source: u.source,
+                generation,
+                built_at,
+                offsets: &offsets,
+            };
+            let json = serde_json::to_vec(&rec).context("serialising a recommendation")?;
+            futs.push(
+                produce::enqueue(&producer, &topic, u.user_id.as_bytes(), &json, None)
+                    .await
+                    .with_context(|| format!("producing to {topic}"))?,
+            );
+            pipe.cmd("SET")
+                .arg(recs_key(prefix, &u.user_id))
+                .arg(json)
+                .arg("EX")
+                .arg(ttl)
+                .ignore();
+        }
+        for f in futs {
+            produce::acknowledged(f)
+                .await
+                .with_context(|| format!("delivering to {topic}"))?;
+        }
+        pipe.query_async::<()>(&mut con)
+            .await
+            .context("writing recs:{user} to Redis")?;
+    }
+    let popular = serde_json::json!({
+        "items": c.popular,
+        "source": "popular",
+        "generation": generation,
+        "built_at": built_at,
+    });
+    let meta = Meta {
+        generation,
+        built_at,
+        offsets,
+        users: c.users.len(),
+        events: c.events,
+        items: c.items,
+        digest: digest(c),
+    };
+    redis::pipe()
+        .cmd("SET")
+        .arg(recs_popular_key(prefix))
+        .arg(popular.to_string())
+        .arg("EX")
+        .arg(ttl)
+        .ignore()
+        .cmd("SET")
+        .arg(recs_meta_key(prefix))
+        .arg(serde_json::to_string(&meta).context("serialising recs:meta")?)
+        .arg("EX")
+        .arg(ttl)
+        .ignore()
+        .query_async::<()>(&mut con)
+        .await
+        .context("writing recs:popular and recs:meta")?;
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10))
+        .context("flushing the producer")?;
+    Ok(meta)
+}

@@ -1,0 +1,147 @@
+//! Reads the whole `interactions` log for a rebuild: partitions one after
+//! another in partition order (so the fold order, and the output, depend
+//! only on the log range), each from its low watermark to the high
+//! watermark captured when the rebuild started. A consumer of its own, with
+//! a one-off group id, that never commits: the live group is not touched.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::config::KafkaConfig;
+use crate::events::{self, Interaction, Limits};
+
+/// The log range one partition contributed (`to` exclusive).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Range {
+    pub topic: String,
+    pub partition: i32,
+    pub from: i64,
+    pub to: i64,
+}
+
+/// How a replay went.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayStats {
+    pub ranges: Vec<Range>,
+    pub events: u64,
+    /// Malformed messages, skipped and counted (a rebuild never aborts on one).
+    pub skipped_invalid: u64,
+}
+
+/// Longest wait for the next message before the end is reached.
+const STALL: Duration = Duration::from_secs(30);
+/// tansu 0.6 reports a high watermark one past the *first* offset of the
+/// last record batch, not past its last record; after reaching it the
+/// replay goes on while messages keep coming within this gap (at most
+/// `TAIL_MAX`), and records the range it really read.
+const TAIL_GAP: Duration = Duration::from_millis(200);
+const TAIL_MAX: Duration = Duration::from_secs(2);
+
+/// Reads every partition of `topic`, calling `fold` for each valid
+/// interaction in log order and `progress(done, total)` now and then.
+/// Blocking: run it off the async reactor.
+pub fn read_all(
+    kafka: &KafkaConfig,
+    topic: &str,
+    limits: &Limits,
+    mut fold: impl FnMut(Interaction),
+    mut progress: impl FnMut(u64, u64),
+) -> anyhow::Result<ReplayStats> {
+    let group = format!("streamscore-rebuild-{}", std::process::id());
+    let c: BaseConsumer = crate::kafka::reader_config(kafka, &group)
+        .create()
+        .context("creating the rebuild consumer")?;
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(15))
+        .with_context(|| format!("metadata of {topic}"))?;
+    let mut partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        anyhow::bail!("topic {topic} does not exist on the broker");
+    }
+    partitions.sort_unstable();
+    // The end of the range is fixed now, before anything is read.
+    let mut ends = Vec::new();
+    for p in &partitions {
+        let (low, high) = c
+            .fetch_watermarks(topic, *p, Duration::from_secs(15))
+            .with_context(|| format!("watermarks of {topic}/{p}"))?;
+        ends.push((*p, low, high));
+    }
+    let total: u64 = ends.iter().map(|(_, l, h)| (h - l).max(0) as u64).sum();
+    let limits = limits.for_replay();
+    let mut stats = ReplayStats::default();
+    let mut done = 0u64;
+    let mut last_progress = Instant::now();
+    for (p, low, high) in ends {
+        let mut range = Range {
+            topic: topic.to_string(),
+            partition: p,
+            from: low,
+            to: low,
+        };
+        if high > low {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+            c.assign(&tpl).context("assigning a partition to replay")?;
+            let mut next = low;
+            let mut last_msg = Instant::now();
+            let mut reached: Option<Instant> = None;
+            loop {
+                match c.poll(Duration::from_millis(50)) {
+                    Some(m) => {
+                        let m = m.with_context(|| format!("reading {topic}/{p}"))?;
+                        if m.offset() < next {
+                            continue; // delivered again
+                        }
+                        next = m.offset() + 1;
+                        last_msg = Instant::now();
+                        done += 1;
+                        match events::parse_interaction(m.payload().unwrap_or_default(), 0, &limits)
+                        {
+                            Ok(ev) => {
+                                stats.events += 1;
+                                fold(ev);
+                            }
+                            Err(_) => stats.skipped_invalid += 1,
+                        }
+                        if next >= high && reached.is_none() {
+                            reached = Some(Instant::now());
+                        }
+                        if last_progress.elapsed() >= Duration::from_millis(500) {
+                            progress(done, total);
+                            last_progress = Instant::now();
+                        }
+                    }
+                    None => {
+                        if let Some(r) = reached {
+                            if last_msg.elapsed() >= TAIL_GAP || r.elapsed() >= TAIL_MAX {
+                                break;
+                            }
+                        } else if last_msg.elapsed() >= STALL {
+                            anyhow::bail!(
+                                "replay of {topic}/{p} stalled at offset {next} (end {high})"
+                            );
+                        }
+                    }
+                }
+                if reached.is_some_and(|r| r.elapsed() >= TAIL_MAX) {
+                    break;
+                }
+            }
+            range.to = next;
+        }
+        stats.ranges.push(range);
+    }
+    progress(done, total.max(done));
+    Ok(stats)
+}
