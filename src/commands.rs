@@ -347,7 +347,8 @@ async fn read_interactions(
     };
     tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
-        crate::recs::replay::read_all(&kafka, &topic, &limits, &mut fold, |done, total| {
+        let never = std::sync::atomic::AtomicBool::new(false);
+        crate::recs::replay::read_all(&kafka, &topic, &limits, &never, &mut fold, |done, total| {
             let secs = started.elapsed().as_secs_f64().max(1e-3);
             let rate = done as f64 / secs;
             let eta = if rate > 0.0 {
@@ -365,21 +366,21 @@ async fn read_interactions(
 /// `streamscore rebuild`: one generation of candidates from the whole log.
 pub async fn rebuild(cfg: &Config) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let builder = std::sync::Arc::new(std::sync::Mutex::new(crate::recs::Builder::new(&cfg.recs)));
-    let b = builder.clone();
-    let stats = read_interactions(cfg, move |e| {
-        if let Ok(mut b) = b.lock() {
-            b.add(&e);
-        }
-    })
+    let (meta, stats) = crate::recs::rebuild_once(
+        cfg,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        move |done, total| {
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let rate = done as f64 / secs;
+            let eta = if rate > 0.0 {
+                total.saturating_sub(done) as f64 / rate
+            } else {
+                0.0
+            };
+            eprintln!("rebuild: {done}/{total} events replayed, {rate:.0} events/s, ETA {eta:.0}s");
+        },
+    )
     .await?;
-    let builder = std::sync::Arc::try_unwrap(builder)
-        .map_err(|_| anyhow::anyhow!("the replay still holds the builder"))?
-        .into_inner()
-        .map_err(|_| anyhow::anyhow!("the builder was poisoned"))?;
-    let candidates = builder.finish();
-    let meta =
-        crate::recs::publish::publish(cfg, &candidates, stats.ranges, crate::now_ms()).await?;
     eprintln!(
         "rebuild: generation {} with {} users from {} events ({} malformed skipped) in {:.1}s",
         meta.generation,

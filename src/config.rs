@@ -42,6 +42,11 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RecsConfig {
+    /// How often `streamscore run` rebuilds the candidates from the whole
+    /// log ("0s": never; `streamscore rebuild` still works). A run starts with
+    /// a rebuild when the newest generation in Redis is older than this.
+    #[serde(with = "humantime_serde")]
+    pub rebuild_interval: Duration,
     /// Items per user.
     pub top_k: usize,
     /// Most recent items kept per user while replaying.
@@ -69,6 +74,7 @@ pub struct RecsConfig {
 impl Default for RecsConfig {
     fn default() -> Self {
         RecsConfig {
+            rebuild_interval: Duration::from_secs(3600),
             top_k: 20,
             history_cap: 30,
             max_neighbours: 50,

@@ -385,6 +385,12 @@ pub async fn run(
             r
         })
     };
+    // The periodic recommendation rebuild (recs.rebuild_interval).
+    let recs = tokio::spawn(crate::recs::periodic::run(
+        cfg.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let mut stage = Stage {
         limits: Limits {
             max_message_bytes: cfg.processing.max_message_bytes,
@@ -434,6 +440,7 @@ pub async fn run(
     if let Err(e) = producer.flush(Duration::from_secs(5)) {
         tracing::warn!(error = %e, "producer flush at shutdown");
     }
+    let _ = tokio::time::timeout(Duration::from_secs(10), recs).await;
     // The writer commits what it cached; the rest is cached on restart.
     writer_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(10), writer).await {

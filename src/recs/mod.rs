@@ -7,6 +7,7 @@
 //! item id and users are emitted sorted by id, so the same log range gives
 //! byte-identical output.
 
+pub mod periodic;
 pub mod publish;
 pub mod replay;
 
@@ -16,6 +17,34 @@ use serde::Serialize;
 
 use crate::config::RecsConfig;
 use crate::events::{Interaction, InteractionKind};
+
+/// One rebuild: replays the whole `interactions` log, ranks, and publishes
+/// the next generation. `progress(done, total)` is called now and then
+/// from the replay thread; setting `cancel` aborts the replay (nothing is
+/// published then, the previous generation stays).
+pub async fn rebuild_once(
+    cfg: &crate::config::Config,
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    progress: impl FnMut(u64, u64) + Send + 'static,
+) -> anyhow::Result<(publish::Meta, replay::ReplayStats)> {
+    use anyhow::Context;
+    let kafka = cfg.kafka.clone();
+    let topic = cfg.topic(crate::topics::INTERACTIONS);
+    let limits = crate::events::Limits {
+        max_message_bytes: cfg.processing.max_message_bytes,
+        max_future_skew_ms: cfg.processing.max_future_skew.as_millis() as i64,
+    };
+    let recs_cfg = cfg.recs.clone();
+    let (candidates, stats) = tokio::task::spawn_blocking(move || {
+        let mut b = Builder::new(&recs_cfg);
+        let stats = replay::read_all(&kafka, &topic, &limits, &cancel, |e| b.add(&e), progress)?;
+        anyhow::Ok((b.finish(), stats))
+    })
+    .await
+    .context("rebuild task")??;
+    let meta = publish::publish(cfg, &candidates, stats.ranges.clone(), crate::now_ms()).await?;
+    Ok((meta, stats))
+}
 
 /// One recommended item.
 #[derive(Debug, Clone, PartialEq, Serialize)]

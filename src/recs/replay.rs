@@ -44,11 +44,13 @@ const TAIL_MAX: Duration = Duration::from_secs(2);
 
 /// Reads every partition of `topic`, calling `fold` for each valid
 /// interaction in log order and `progress(done, total)` now and then.
+/// Setting `cancel` stops it with an error.
 /// Blocking: run it off the async reactor.
 pub fn read_all(
     kafka: &KafkaConfig,
     topic: &str,
     limits: &Limits,
+    cancel: &std::sync::atomic::AtomicBool,
     mut fold: impl FnMut(Interaction),
     mut progress: impl FnMut(u64, u64),
 ) -> anyhow::Result<ReplayStats> {
@@ -97,6 +99,9 @@ pub fn read_all(
             let mut last_msg = Instant::now();
             let mut reached: Option<Instant> = None;
             loop {
+                if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    anyhow::bail!("replay of {topic} cancelled at {topic}/{p} offset {next}");
+                }
                 match c.poll(Duration::from_millis(50)) {
                     Some(m) => {
                         let m = m.with_context(|| format!("reading {topic}/{p}"))?;

@@ -170,4 +170,45 @@ fn rebuild_publishes_candidates_deterministically_and_they_beat_popularity() {
         cands >= 2.0 * popular,
         "recall@20 {cands} vs popular {popular}: {q}"
     );
+
+    // `run` rebuilds periodically (every 2 s here), one at a time, and its
+    // metrics tell the age of the recommendations.
+    let mut run = env.spawn_run_with(
+        "periodic",
+        env.http_port,
+        &[("STREAMSCORE__RECS__REBUILD_INTERVAL", "2s")],
+    );
+    let text = wait_for(Duration::from_secs(60), "two periodic rebuilds", || {
+        let t = scrape(&env.metrics_url())?;
+        (metric(&t, "streamscore_recs_generation")? >= 4.0).then_some(t)
+    });
+    let built_at = metric(&text, "streamscore_recs_built_at_seconds").unwrap();
+    let age = streamscore::now_ms() as f64 / 1000.0 - built_at;
+    assert!((0.0..30.0).contains(&age), "recommendations {age} s old");
+    assert_eq!(
+        metric(&text, "streamscore_recs_users"),
+        Some(users.len() as f64)
+    );
+    assert_eq!(
+        metric(&text, "streamscore_recs_rebuild_failures_total"),
+        Some(0.0)
+    );
+    assert!(metric(&text, "streamscore_recs_rebuild_events_total").unwrap() >= 2.0 * N as f64);
+    let stored: serde_json::Value = serde_json::from_str(
+        &redis::cmd("GET")
+            .arg(format!("{p}recs:meta"))
+            .query::<String>(&mut con)
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(stored["generation"].as_u64().unwrap() >= 4, "{stored}");
+    assert_eq!(
+        stored["digest"], meta["digest"],
+        "same log, same candidates"
+    );
+    let st = run.terminate(Duration::from_secs(30));
+    assert!(st.success(), "exit {st:?}; log:\n{}", run.log_text());
+    assert!(run
+        .log_text()
+        .contains("recommendations rebuilt from the log"));
 }

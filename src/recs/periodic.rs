@@ -1,0 +1,88 @@
+//! The periodic rebuild inside `streamscore run`: one rebuild at a time,
+//! every `recs.rebuild_interval`; a failed one leaves the previous
+//! generation serving, is counted, and is retried sooner.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::publish;
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Wait before retrying a failed rebuild (or the interval, if shorter).
+const RETRY: Duration = Duration::from_secs(60);
+
+fn show(metrics: &Metrics, m: &publish::Meta) {
+    metrics.recs_generation.set(m.generation as i64);
+    metrics.recs_built_at.set(m.built_at / 1000);
+    metrics.recs_users.set(m.users as i64);
+}
+
+/// Runs until `shutdown`. A rebuild in progress at shutdown is abandoned
+/// (nothing of it is published after `recs:meta`, which it writes last).
+pub async fn run(cfg: Config, metrics: Metrics, shutdown: CancellationToken) {
+    let interval = cfg.recs.rebuild_interval;
+    if interval.is_zero() {
+        return;
+    }
+    // Due now unless Redis holds a generation younger than the interval.
+    let mut wait = Duration::ZERO;
+    match publish::current_meta(&cfg).await {
+        Ok(Some(m)) => {
+            show(&metrics, &m);
+            let age = Duration::from_millis((crate::now_ms() - m.built_at).max(0) as u64);
+            wait = interval.saturating_sub(age);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(
+            error = format!("{e:#}"),
+            "reading recs:meta; rebuilding now"
+        ),
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (cancel, shutdown) = (cancel.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                cancel.store(true, Ordering::Relaxed);
+            })
+        };
+        let started = Instant::now();
+        let result = super::rebuild_once(&cfg, cancel, |_, _| {}).await;
+        watcher.abort();
+        match result {
+            Ok((meta, stats)) => {
+                let secs = started.elapsed().as_secs_f64();
+                metrics.recs_rebuild_duration.observe(secs);
+                metrics.recs_rebuild_events.inc_by(stats.events);
+                show(&metrics, &meta);
+                tracing::info!(
+                    generation = meta.generation,
+                    users = meta.users,
+                    events = stats.events,
+                    skipped_invalid = stats.skipped_invalid,
+                    seconds = secs,
+                    "recommendations rebuilt from the log"
+                );
+                wait = interval;
+            }
+            Err(e) => {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                metrics.recs_rebuild_failures.inc();
+                wait = interval.min(RETRY);
+                tracing::warn!(error = format!("{e:#}"), retry_in = ?wait,
+                    "recommendation rebuild failed; the previous generation keeps serving");
+            }
+        }
+    }
+}
