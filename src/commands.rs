@@ -334,6 +334,20 @@ pub async fn topics_apply(cfg: &Config, file: Option<&std::path::Path>) -> anyho
     Ok(code)
 }
 
+/// Prints replay progress: events done, events/s, ETA.
+fn progress_printer(started: std::time::Instant) -> impl FnMut(u64, u64) + Send + 'static {
+    move |done, total| {
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        let rate = done as f64 / secs;
+        let eta = if rate > 0.0 {
+            total.saturating_sub(done) as f64 / rate
+        } else {
+            0.0
+        };
+        eprintln!("rebuild: {done}/{total} events replayed, {rate:.0} events/s, ETA {eta:.0}s");
+    }
+}
+
 /// Reads the interactions log off the reactor, printing progress.
 async fn read_interactions(
     cfg: &Config,
@@ -346,18 +360,9 @@ async fn read_interactions(
         max_future_skew_ms: cfg.processing.max_future_skew.as_millis() as i64,
     };
     tokio::task::spawn_blocking(move || {
-        let started = std::time::Instant::now();
         let never = std::sync::atomic::AtomicBool::new(false);
-        crate::recs::replay::read_all(&kafka, &topic, &limits, &never, &mut fold, |done, total| {
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
-            let rate = done as f64 / secs;
-            let eta = if rate > 0.0 {
-                total.saturating_sub(done) as f64 / rate
-            } else {
-                0.0
-            };
-            eprintln!("rebuild: {done}/{total} events replayed, {rate:.0} events/s, ETA {eta:.0}s");
-        })
+        let progress = progress_printer(std::time::Instant::now());
+        crate::recs::replay::read_all(&kafka, &topic, &limits, &never, &mut fold, progress)
     })
     .await
     .context("replay task")?
@@ -369,16 +374,7 @@ pub async fn rebuild(cfg: &Config) -> anyhow::Result<()> {
     let (meta, stats) = crate::recs::rebuild_once(
         cfg,
         std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        move |done, total| {
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
-            let rate = done as f64 / secs;
-            let eta = if rate > 0.0 {
-                total.saturating_sub(done) as f64 / rate
-            } else {
-                0.0
-            };
-            eprintln!("rebuild: {done}/{total} events replayed, {rate:.0} events/s, ETA {eta:.0}s");
-        },
+        progress_printer(started),
     )
     .await?;
     eprintln!(
