@@ -13,6 +13,8 @@ pub mod replay;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use rustc_hash::FxHashMap;
+
 use serde::Serialize;
 
 use crate::config::RecsConfig;
@@ -35,14 +37,26 @@ pub async fn rebuild_once(
         max_future_skew_ms: cfg.processing.max_future_skew.as_millis() as i64,
     };
     let recs_cfg = cfg.recs.clone();
-    let (candidates, stats) = tokio::task::spawn_blocking(move || {
+    let (candidates, stats, replay_secs, rank_secs) = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
         let mut b = Builder::new(&recs_cfg);
         let stats = replay::read_all(&kafka, &topic, &limits, &cancel, |e| b.add(&e), progress)?;
-        anyhow::Ok((b.finish(), stats))
+        let replay_secs = started.elapsed().as_secs_f64();
+        let c = b.finish();
+        let rank_secs = started.elapsed().as_secs_f64() - replay_secs;
+        anyhow::Ok((c, stats, replay_secs, rank_secs))
     })
     .await
     .context("rebuild task")??;
+    let started = std::time::Instant::now();
     let meta = publish::publish(cfg, &candidates, stats.ranges.clone(), crate::now_ms()).await?;
+    tracing::info!(
+        replay_seconds = replay_secs,
+        rank_seconds = rank_secs,
+        publish_seconds = started.elapsed().as_secs_f64(),
+        users = meta.users,
+        "rebuild phases"
+    );
     Ok((meta, stats))
 }
 
@@ -96,8 +110,11 @@ pub struct Builder {
     ids: HashMap<String, u32>,
     names: Vec<String>,
     users: HashMap<String, UserState>,
-    /// Neighbours per item, weighted.
-    co: Vec<HashMap<u32, f64>>,
+    /// Neighbours per item, weighted (a fast non-cryptographic hasher:
+    /// keys are our own item indices).
+    co: Vec<FxHashMap<u32, f64>>,
+    /// Scratch list of the items touched by one event (reused).
+    touched: Vec<u32>,
     /// Decayed popularity per item (log2 scale reference below).
     popularity: Vec<f64>,
     /// Time origin of the exponential weights (the first event).
@@ -114,6 +131,7 @@ impl Builder {
             names: Vec::new(),
             users: HashMap::new(),
             co: Vec::new(),
+            touched: Vec::new(),
             popularity: Vec::new(),
             t0: None,
             newest: i64::MIN,
@@ -145,7 +163,7 @@ impl Builder {
         let i = self.names.len() as u32;
         self.ids.insert(name.to_string(), i);
         self.names.push(name.to_string());
-        self.co.push(HashMap::new());
+        self.co.push(FxHashMap::default());
         self.popularity.push(0.0);
         i
     }
@@ -172,17 +190,18 @@ impl Builder {
                 history: VecDeque::new(),
                 bought: VecDeque::new(),
             });
-        // Co-occurrence with each distinct item of the user's recent history.
-        let mut seen: HashSet<u32> = HashSet::with_capacity(user.history.len());
-        let mut touched = Vec::new();
+        // Co-occurrence with each distinct item of the user's recent history
+        // (at most history_cap: a linear scan beats a set here).
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.clear();
         for &(other, ow, _) in user.history.iter().rev() {
-            if other == item || !seen.insert(other) {
+            if other == item || touched.contains(&other) {
                 continue;
             }
+            touched.push(other);
             let pair = w * ow * g;
             *self.co[item as usize].entry(other).or_insert(0.0) += pair;
             *self.co[other as usize].entry(item).or_insert(0.0) += pair;
-            touched.push(other);
         }
         user.history.push_back((item, w, ev.event_time));
         while user.history.len() > cap {
@@ -195,9 +214,10 @@ impl Builder {
             }
         }
         touched.push(item);
-        for i in touched {
-            prune(&mut self.co[i as usize], max_n);
+        for i in &touched {
+            prune(&mut self.co[*i as usize], max_n);
         }
+        self.touched = touched;
     }
 
     /// Ranks: per user, the neighbours of their history weighted by how
@@ -217,9 +237,21 @@ impl Builder {
             &self.names,
             self.cfg.popular_k,
         );
+        // Neighbour lists sorted once by item (a fixed summation order, so
+        // the scores do not depend on hash iteration order).
+        let neighbours: Vec<Vec<(u32, f64)>> = self
+            .co
+            .iter()
+            .map(|ns| {
+                let mut v: Vec<(u32, f64)> = ns.iter().map(|(n, c)| (*n, *c)).collect();
+                v.sort_unstable_by_key(|(n, _)| *n);
+                v
+            })
+            .collect();
         let mut user_ids: Vec<&String> = self.users.keys().collect();
         user_ids.sort_unstable();
         let mut users = Vec::with_capacity(user_ids.len());
+        let mut cand: FxHashMap<u32, f64> = FxHashMap::default();
         for uid in user_ids {
             let u = &self.users[uid];
             let mut hist: HashMap<u32, f64> = HashMap::new();
@@ -227,14 +259,12 @@ impl Builder {
                 *hist.entry(item).or_insert(0.0) += w * self.growth(t, decay_ms) / norm;
             }
             let bought: HashSet<u32> = u.bought.iter().copied().collect();
-            let mut cand: HashMap<u32, f64> = HashMap::new();
+            cand.clear();
             // Deterministic order of accumulation (floating point sums).
             let mut hist: Vec<(u32, f64)> = hist.into_iter().collect();
             hist.sort_unstable_by_key(|(i, _)| *i);
             for (item, hw) in hist {
-                let mut ns: Vec<(&u32, &f64)> = self.co[item as usize].iter().collect();
-                ns.sort_unstable_by_key(|(n, _)| **n);
-                for (n, c) in ns {
+                for (n, c) in &neighbours[item as usize] {
                     if !bought.contains(n) {
                         *cand.entry(*n).or_insert(0.0) += hw * c / norm;
                     }
@@ -249,7 +279,7 @@ impl Builder {
                     .collect();
                 (items, Source::Popular)
             } else {
-                (top(cand.into_iter(), &self.names, k), Source::Batch)
+                (top(cand.drain(), &self.names, k), Source::Batch)
             };
             users.push(UserRecs {
                 user_id: uid.clone(),
@@ -268,7 +298,7 @@ impl Builder {
 
 /// Keeps the `max` strongest neighbours once a list is twice that long
 /// (amortised; ties by item index, so pruning is deterministic).
-fn prune(ns: &mut HashMap<u32, f64>, max: usize) {
+fn prune(ns: &mut FxHashMap<u32, f64>, max: usize) {
     if ns.len() <= 2 * max {
         return;
     }

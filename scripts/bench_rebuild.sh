@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Rebuild figures for docs/BENCHMARKS.md: produces COUNT interactions of
+# USERS users over ITEMS items, then times (1) reading them through the
+# rebuild's replay path and nothing else, (2) `streamscore rebuild`, in the
+# same run on the same broker, and reports the rebuild's peak RSS.
+#
+#   scripts/bench_rebuild.sh [COUNT=1000000] [USERS=100000] [ITEMS=50000]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+COUNT=${1:-1000000}
+USERS=${2:-100000}
+ITEMS=${3:-50000}
+ensure_all
+apt_install time
+cargo build --release --quiet --bin streamscore --example bench_read
+start_local_services bench-rebuild
+CFG=$RUN_DIR/streamscore.toml
+cat >"$CFG" <<TOML
+[kafka]
+brokers = "127.0.0.1:$TANSU_PORT"
+[redis]
+url = "redis://127.0.0.1:$REDIS_PORT"
+TOML
+BIN=$PWD/target/release/streamscore
+"$BIN" --config "$CFG" topics apply >/dev/null
+# generate writes interactions-per-txn interactions per transaction over
+# merchants x 10 items.
+TXNS=$((COUNT / 10))
+"$BIN" --config "$CFG" generate --count "$TXNS" --interactions-per-txn 10 \
+  --users "$USERS" --merchants $((ITEMS / 10)) --seed 5 2>&1 | tail -1
+target/release/examples/bench_read "$CFG"
+/usr/bin/time -v "$BIN" --config "$CFG" rebuild 2>"$RUN_DIR/rebuild.err" >"$RUN_DIR/meta.json"
+grep -E "^rebuild: generation|rebuild phases" "$RUN_DIR/rebuild.err" | sed "s/\x1b\[[0-9;]*m//g"
+grep -E "Maximum resident|Elapsed" "$RUN_DIR/rebuild.err"
