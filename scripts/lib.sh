@@ -41,6 +41,9 @@ ensure_build_deps() {
 
 ensure_redis() { apt_install redis-server redis-tools; }
 
+# A real Prometheus (and promtool) for the metrics and alert-rule tests.
+ensure_prometheus() { apt_install prometheus; }
+
 # The Kafka-protocol broker, built once per machine into the cache (~9 min).
 ensure_tansu() {
   if [ -x "$TANSU_BIN" ]; then return 0; fi
@@ -111,6 +114,7 @@ stop_started() {
 ensure_all() {
   ensure_build_deps
   ensure_redis
+  ensure_prometheus
   ensure_tansu
 }
 

@@ -1,5 +1,6 @@
 mod cli;
 mod fraud_path;
+mod prometheus;
 mod rebalance;
 mod recovery;
 mod recs;
