@@ -44,6 +44,9 @@ ensure_redis() { apt_install redis-server redis-tools; }
 # A real Prometheus (and promtool) for the metrics and alert-rule tests.
 ensure_prometheus() { apt_install prometheus; }
 
+# docker-compose (v1, Debian) checks docker-compose.yml; no engine needed.
+ensure_compose() { apt_install docker-compose; }
+
 # The Kafka-protocol broker, built once per machine into the cache (~9 min).
 ensure_tansu() {
   if [ -x "$TANSU_BIN" ]; then return 0; fi
@@ -115,6 +118,7 @@ ensure_all() {
   ensure_build_deps
   ensure_redis
   ensure_prometheus
+  ensure_compose
   ensure_tansu
 }
 

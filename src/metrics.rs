@@ -25,6 +25,7 @@ pub struct Metrics {
     pub event_to_score_latency: Histogram,
     pub processing_latency: Histogram,
     pub batch_size: Histogram,
+    pub fraud_score: Histogram,
     pub window_keys: IntGaugeVec,
     pub window_state_bytes: IntGaugeVec,
     pub evicted_keys: IntCounterVec,
@@ -143,6 +144,12 @@ impl Metrics {
                 "streamscore_batch_size_events",
                 "Events per micro-batch.",
                 exponential_buckets(1.0, 2.0, 12).expect("valid buckets"),
+            ),
+            fraud_score: histogram(
+                &r,
+                "streamscore_fraud_score",
+                "Distribution of the fraud scores computed (0..1).",
+                (1..=10).map(|i| f64::from(i) / 10.0).collect(),
             ),
             window_keys: gauge_vec(
                 &r,

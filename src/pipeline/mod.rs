@@ -229,6 +229,7 @@ impl Stage {
                 &s.features,
                 &s.source,
             );
+            self.metrics.fraud_score.observe(f64::from(score));
             if out.decision == Decision::Flag {
                 batch.flagged += 1;
             }

@@ -1,4 +1,5 @@
 mod cli;
+mod compose;
 mod fraud_path;
 mod prometheus;
 mod rebalance;

@@ -161,14 +161,32 @@ fn alert_rules_evaluate_on_real_data_and_fire_when_scoring_stops() {
         },
     );
 
-    // Every alert expression measures something that exists.
-    for (name, expr) in &exprs {
-        let m = measured(expr);
+    // Every dashboard query, and what every alert rule measures, returns
+    // data (read from the shipped files, none written here).
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("config/grafana/dashboards/streamscore.json"))
+            .expect("dashboard"),
+    )
+    .expect("dashboard JSON");
+    let mut queries: Vec<(String, String)> = Vec::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let title = p["title"].as_str().unwrap_or("?").to_string();
+            queries.push((title, t["expr"].as_str().expect("expr").to_string()));
+        }
+    }
+    assert!(queries.len() >= 15, "{} dashboard queries", queries.len());
+    queries.extend(exprs.iter().map(|(n, e)| (n.clone(), measured(e))));
+    for (name, m) in &queries {
         wait_for(
             Duration::from_secs(90),
             &format!("{name}: `{m}` to return data"),
             || {
-                let r = query(&host, &m)?;
+                let r = query(&host, m)?;
                 (!r.is_empty()).then_some(())
             },
         );
