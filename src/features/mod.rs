@@ -106,6 +106,15 @@ impl From<&WindowConfig> for WindowSpec {
 }
 
 impl WindowSpec {
+    /// How far back (event time) an event can still change a feature: the
+    /// longest horizon, plus one bucket of it (a window counts whole
+    /// buckets, so its oldest bucket reaches up to a bucket further back),
+    /// plus the grace for late events. Warm-up replays this much; idle
+    /// eviction keeps keys this long.
+    pub fn retention_ms(&self) -> i64 {
+        LONGEST_HORIZON_MS + self.day_bucket_ms + self.grace_ms
+    }
+
     fn minute_n(&self) -> usize {
         (60_000 / self.minute_bucket_ms) as usize
     }
@@ -554,7 +563,7 @@ impl FeatureEngine {
         let Some(slowest) = newest.values().copied().min() else {
             return ((0, 0), self.stats_only());
         };
-        let keep_for = LONGEST_HORIZON_MS + self.spec.grace_ms;
+        let keep_for = self.spec.retention_ms();
         let merchant_cutoff = slowest - keep_for;
         let (mut eu, mut em) = (0, 0);
         let mut stats = StoreStats::default();

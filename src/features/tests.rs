@@ -212,13 +212,7 @@ fn idle_keys_are_evicted_after_the_longest_horizon_plus_grace() {
     assert_eq!(stats.user_keys, 2);
     assert!(stats.user_bytes > 0 && stats.merchant_bytes > 0);
     e.process(
-        &txn(
-            3,
-            "new",
-            "m-new",
-            10.0,
-            T0 + LONGEST_HORIZON_MS + spec().grace_ms + 1,
-        ),
+        &txn(3, "new", "m-new", 10.0, T0 + spec().retention_ms() + 1),
         true,
     );
     let ((eu, em), stats) = e.evict_idle();
@@ -231,7 +225,7 @@ fn idleness_is_judged_by_each_partition_own_clock() {
     // Partition 1 runs a day and more ahead of partition 0 (catch-up): the
     // users of partition 0 are not idle by their own partition's clock.
     let e = FeatureEngine::new(spec());
-    let far = T0 + LONGEST_HORIZON_MS + spec().grace_ms + 3_600_000;
+    let far = T0 + spec().retention_ms() + 3_600_000;
     e.process_from(0, &txn(1, "slow-user", "m-shared", 10.0, T0), true);
     e.process_from(1, &txn(2, "fast-user", "m-shared", 10.0, far), true);
     e.process_from(1, &txn(3, "fast-old", "m-fast", 10.0, T0), true);

@@ -116,6 +116,7 @@ impl Stage {
         let topic = self.in_topic.clone();
         let engine = self.engine.clone();
         let grace_ms = self.cfg.windows.grace.as_millis() as i64;
+        let retention_ms = self.engine.spec().retention_ms();
         let limits = self.limits;
         let mut lateness = std::mem::replace(&mut self.lateness, Lateness::new(grace_ms));
         self.health.warming.store(true, Ordering::Relaxed);
@@ -128,7 +129,7 @@ impl Stage {
                 at_event_time: event_time,
                 until_offset: offset,
                 score_from,
-                grace_ms,
+                retention_ms,
                 merchants,
                 limits,
                 deadline: Duration::from_secs(600),

@@ -2,7 +2,7 @@
 //!
 //! When the pipeline first takes a message from a partition (at start-up or
 //! after a rebalance gave it the partition), it replays that partition from
-//! the offset for (that message's event time − 24 h − grace) up to the
+//! the offset for (that message's event time − retention) up to the
 //! message's offset, folding every valid event into the windows and emitting
 //! nothing. Scoring then resumes at the message: events already scored are
 //! not scored again, and their features equal those of an uninterrupted run
@@ -25,7 +25,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 use crate::events::{parse_transaction, Limits};
-use crate::features::{FeatureEngine, Lateness, LONGEST_HORIZON_MS};
+use crate::features::{FeatureEngine, Lateness};
 
 /// A message between the committed offset and the first message the
 /// consumer delivered: never scored, so it must be scored now.
@@ -63,7 +63,9 @@ pub struct Replay<'a> {
     /// a record batch with the *next* batch, so a consumer resuming there
     /// silently skips the rest of that batch.
     pub score_from: i64,
-    pub grace_ms: i64,
+    /// How far back from `at_event_time` to replay
+    /// ([`crate::features::WindowSpec::retention_ms`]).
+    pub retention_ms: i64,
     /// Fold merchant windows too (false when this partition's events are
     /// already in them: a re-assignment within the same process).
     pub merchants: bool,
@@ -79,14 +81,14 @@ fn replay_consumer(kafka: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
         .context("creating the warm-up consumer")
 }
 
-/// Replays `[offset for (at − 24 h − grace), until)` of one partition into
+/// Replays `[offset for (at − retention), until)` of one partition into
 /// `engine` and `lateness`. Blocking: run it off the async reactor.
 pub fn replay(
     r: &Replay<'_>,
     engine: &FeatureEngine,
     lateness: &mut Lateness,
 ) -> anyhow::Result<WarmupStats> {
-    let horizon_start = r.at_event_time - LONGEST_HORIZON_MS - r.grace_ms;
+    let horizon_start = r.at_event_time - r.retention_ms;
     let mut stats = WarmupStats {
         from_offset: 0,
         events: 0,
