@@ -43,6 +43,8 @@ pub struct Metrics {
     pub redis_lag_seconds: Gauge,
     pub kafka_produce_errors: IntCounter,
     pub newest_event_time: IntGauge,
+    pub partition_newest_event_time: IntGaugeVec,
+    pub consumer_lag: IntGaugeVec,
     pub warmup_events: IntCounter,
     pub warmup_duration: Histogram,
     pub resume_gap_events: IntCounter,
@@ -246,6 +248,18 @@ impl Metrics {
                     .expect("metric registered once");
                 g
             },
+            partition_newest_event_time: gauge_vec(
+                &r,
+                "streamscore_partition_newest_event_time_seconds",
+                "Newest event time taken from each input partition, epoch seconds.",
+                &["partition"],
+            ),
+            consumer_lag: gauge_vec(
+                &r,
+                "streamscore_consumer_lag_messages",
+                "Messages behind the high watermark per input partition (librdkafka statistics, every 5 s).",
+                &["partition"],
+            ),
             warmup_events: counter(
                 &r,
                 "streamscore_warmup_replayed_events_total",

@@ -39,9 +39,26 @@ impl Revocations {
 /// were revoked (their users are dropped and rebuilt if they come back).
 pub struct PipelineContext {
     pub(crate) revoked: Arc<Revocations>,
+    /// Consumer lag per partition, from librdkafka's statistics.
+    pub(crate) consumer_lag: prometheus::IntGaugeVec,
 }
 
-impl ClientContext for PipelineContext {}
+impl ClientContext for PipelineContext {
+    /// librdkafka statistics (every `statistics.interval.ms`): the consumer
+    /// lag of each assigned partition (high watermark − position; librdkafka
+    /// reports -1 while unknown, which is not exported).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for topic in statistics.topics.values() {
+            for (p, part) in &topic.partitions {
+                if *p >= 0 && part.consumer_lag >= 0 {
+                    self.consumer_lag
+                        .with_label_values(&[&p.to_string()])
+                        .set(part.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 use crate::kafka::partitions_of;
 

@@ -265,6 +265,14 @@ impl Stage {
             batch.deliveries.push((fut, rec));
             batch.dead.push(rej.reason);
         }
+        for (p, _) in &batch.offsets {
+            if let Some(t) = self.lateness.newest().get(p) {
+                self.metrics
+                    .partition_newest_event_time
+                    .with_label_values(&[&p.to_string()])
+                    .set(t / 1000);
+            }
+        }
         Ok(batch)
     }
 
@@ -340,8 +348,10 @@ pub async fn run(
             &cfg.kafka.group_id,
             cfg.processing.commit_interval.as_millis() as u64,
         )
+        .set("statistics.interval.ms", "5000")
         .create_with_context(PipelineContext {
             revoked: revoked.clone(),
+            consumer_lag: metrics.consumer_lag.clone(),
         })
         .context("creating the Kafka consumer")?,
     );
