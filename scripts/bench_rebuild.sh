@@ -17,12 +17,7 @@ apt_install time
 cargo build --release --quiet --bin streamscore --example bench_read
 start_local_services bench-rebuild
 CFG=$RUN_DIR/streamscore.toml
-cat >"$CFG" <<TOML
-[kafka]
-brokers = "127.0.0.1:$TANSU_PORT"
-[redis]
-url = "redis://127.0.0.1:$REDIS_PORT"
-TOML
+write_local_config "$CFG"
 BIN=$PWD/target/release/streamscore
 "$BIN" --config "$CFG" topics apply >/dev/null
 # generate writes interactions-per-txn interactions per transaction over

@@ -36,14 +36,7 @@ trap cleanup INT TERM EXIT
 start_tansu "$RUN_DIR/tansu"
 start_redis "$RUN_DIR/redis"
 HTTP_PORT=$(free_port)
-cat >"$RUN_DIR/streamscore.toml" <<TOML
-[kafka]
-brokers = "127.0.0.1:$TANSU_PORT"
-[redis]
-url = "redis://127.0.0.1:$REDIS_PORT"
-[http]
-bind = "127.0.0.1:$HTTP_PORT"
-TOML
+write_local_config "$RUN_DIR/streamscore.toml"
 export STREAMSCORE_CONFIG=$RUN_DIR/streamscore.toml
 
 "$BIN" topics apply

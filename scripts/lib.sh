@@ -122,6 +122,19 @@ ensure_all() {
   ensure_tansu
 }
 
+# write_local_config FILE [EXTRA_TOML]: a streamscore config for the local
+# broker and Redis started here (TANSU_PORT, REDIS_PORT), with http.bind on
+# HTTP_PORT when set, then EXTRA_TOML.
+write_local_config() {
+  local file=$1 extra=${2:-}
+  {
+    printf '[kafka]\nbrokers = "127.0.0.1:%s"\n[redis]\nurl = "redis://127.0.0.1:%s"\n' \
+      "$TANSU_PORT" "$REDIS_PORT"
+    if [ -n "${HTTP_PORT:-}" ]; then printf '[http]\nbind = "127.0.0.1:%s"\n' "$HTTP_PORT"; fi
+    if [ -n "$extra" ]; then printf '%s\n' "$extra"; fi
+  } >"$file"
+}
+
 # start_local_services NAME: a throw-away folder, a broker and redis-server
 # in it, and a trap that stops them and removes the folder on exit. Sets
 # RUN_DIR, TANSU_PORT, REDIS_PORT.

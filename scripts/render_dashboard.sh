@@ -19,16 +19,7 @@ start_local_services render
 HTTP_PORT=$(free_port)
 PROM_PORT=$(free_port)
 CFG=$RUN_DIR/streamscore.toml
-cat >"$CFG" <<TOML
-[kafka]
-brokers = "127.0.0.1:$TANSU_PORT"
-[redis]
-url = "redis://127.0.0.1:$REDIS_PORT"
-[http]
-bind = "127.0.0.1:$HTTP_PORT"
-[recs]
-rebuild_interval = "30s"
-TOML
+write_local_config "$CFG" $'[recs]\nrebuild_interval = "30s"'
 export STREAMSCORE_CONFIG=$CFG
 "$BIN" topics apply >/dev/null
 "$BIN" generate --count 10000 --users 2000 --merchants 200 --interactions-per-txn 3 --seed 11 2>/dev/null

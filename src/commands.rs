@@ -348,21 +348,29 @@ fn progress_printer(started: std::time::Instant) -> impl FnMut(u64, u64) + Send 
     }
 }
 
-/// Reads the interactions log off the reactor, printing progress.
+/// Reads every valid interaction of the log off the reactor, printing progress.
 async fn read_interactions(
     cfg: &Config,
-    mut fold: impl FnMut(crate::events::Interaction) + Send + 'static,
-) -> anyhow::Result<crate::recs::replay::ReplayStats> {
+) -> anyhow::Result<(
+    Vec<crate::events::Interaction>,
+    crate::recs::replay::ReplayStats,
+)> {
     let kafka = cfg.kafka.clone();
     let topic = cfg.topic(crate::topics::INTERACTIONS);
-    let limits = crate::events::Limits {
-        max_message_bytes: cfg.processing.max_message_bytes,
-        max_future_skew_ms: cfg.processing.max_future_skew.as_millis() as i64,
-    };
+    let limits = crate::events::Limits::from_config(&cfg.processing);
     tokio::task::spawn_blocking(move || {
         let never = std::sync::atomic::AtomicBool::new(false);
         let progress = progress_printer(std::time::Instant::now());
-        crate::recs::replay::read_all(&kafka, &topic, &limits, &never, &mut fold, progress)
+        let mut events = Vec::new();
+        let stats = crate::recs::replay::read_all(
+            &kafka,
+            &topic,
+            &limits,
+            &never,
+            |e| events.push(e),
+            progress,
+        )?;
+        anyhow::Ok((events, stats))
     })
     .await
     .context("replay task")?
@@ -391,19 +399,7 @@ pub async fn rebuild(cfg: &Config) -> anyhow::Result<()> {
 
 /// `streamscore eval-recs`: hold-out quality of candidates vs popularity.
 pub async fn eval_recs(cfg: &Config) -> anyhow::Result<()> {
-    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = events.clone();
-    let stats = read_interactions(cfg, move |e| {
-        if let Ok(mut v) = sink.lock() {
-            v.push(e);
-        }
-    })
-    .await?;
-    let events = std::mem::take(
-        &mut *events
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the event list was poisoned"))?,
-    );
+    let (events, stats) = read_interactions(cfg).await?;
     let (cands, popular) = crate::recs::holdout_eval(&events, &cfg.recs);
     let out = serde_json::json!({
         "k": cfg.recs.top_k,

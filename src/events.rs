@@ -120,6 +120,14 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The limits `[processing]` configures.
+    pub fn from_config(p: &crate::config::ProcessingConfig) -> Limits {
+        Limits {
+            max_message_bytes: p.max_message_bytes,
+            max_future_skew_ms: p.max_future_skew.as_millis() as i64,
+        }
+    }
+
     /// The same limits without the future-time check, for re-reading events
     /// from the log: they were accepted (or rejected) when first read, and
     /// "now" then is not "now" at replay.

@@ -403,10 +403,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let mut stage = Stage {
-        limits: Limits {
-            max_message_bytes: cfg.processing.max_message_bytes,
-            max_future_skew_ms: cfg.processing.max_future_skew.as_millis() as i64,
-        },
+        limits: Limits::from_config(&cfg.processing),
         lateness: Lateness::new(cfg.windows.grace.as_millis() as i64),
         engine,
         model,

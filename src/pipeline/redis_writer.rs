@@ -260,7 +260,7 @@ async fn write(
 ) -> anyhow::Result<()> {
     let sink = match redis {
         Some(s) => s,
-        None => redis.insert(RedisSink::connect(&cfg.redis, Duration::ZERO).await?),
+        None => redis.insert(RedisSink::connect(&cfg.redis).await?),
     };
     match tokio::time::timeout(WRITE_TIMEOUT, sink.write_scores(entries)).await {
         Ok(r) => Ok(r?),

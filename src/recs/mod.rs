@@ -32,10 +32,7 @@ pub async fn rebuild_once(
     use anyhow::Context;
     let kafka = cfg.kafka.clone();
     let topic = cfg.topic(crate::topics::INTERACTIONS);
-    let limits = crate::events::Limits {
-        max_message_bytes: cfg.processing.max_message_bytes,
-        max_future_skew_ms: cfg.processing.max_future_skew.as_millis() as i64,
-    };
+    let limits = crate::events::Limits::from_config(&cfg.processing);
     let recs_cfg = cfg.recs.clone();
     let (candidates, stats, replay_secs, rank_secs) = tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();

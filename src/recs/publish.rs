@@ -82,10 +82,16 @@ async fn redis_conn(cfg: &Config) -> anyhow::Result<redis::aio::MultiplexedConne
 
 /// The generation Redis holds now, if any.
 pub async fn current_meta(cfg: &Config) -> anyhow::Result<Option<Meta>> {
-    let mut con = redis_conn(cfg).await?;
+    read_meta(&mut redis_conn(cfg).await?, &cfg.redis.key_prefix).await
+}
+
+async fn read_meta(
+    con: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+) -> anyhow::Result<Option<Meta>> {
     let raw: Option<String> = redis::cmd("GET")
-        .arg(recs_meta_key(&cfg.redis.key_prefix))
-        .query_async(&mut con)
+        .arg(recs_meta_key(prefix))
+        .query_async(con)
         .await
         .context("reading recs:meta")?;
     Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
@@ -98,14 +104,16 @@ pub async fn publish(
     offsets: Vec<Range>,
     built_at: i64,
 ) -> anyhow::Result<Meta> {
-    let generation = current_meta(cfg).await?.map_or(1, |m| m.generation + 1);
+    let prefix = &cfg.redis.key_prefix;
+    let mut con = redis_conn(cfg).await?;
+    let generation = read_meta(&mut con, prefix)
+        .await?
+        .map_or(1, |m| m.generation + 1);
     let topic = cfg.topic(topics::RECOMMENDATIONS);
     let producer: FutureProducer = kafka::producer_config(&cfg.kafka)
         .create()
         .context("creating the Kafka producer")?;
-    let prefix = &cfg.redis.key_prefix;
     let ttl = cfg.recs.ttl.as_secs().max(1);
-    let mut con = redis_conn(cfg).await?;
     // Topic and Redis, in chunks (bounded memory), every write acknowledged.
     for chunk in c.users.chunks(1_000) {
         let mut futs = Vec::with_capacity(chunk.len());

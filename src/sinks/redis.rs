@@ -71,36 +71,30 @@ pub struct RedisSink {
 }
 
 impl RedisSink {
-    /// Checks `redis.url` without connecting.
-    pub fn check_url(cfg: &RedisConfig) -> anyhow::Result<()> {
-        redis::Client::open(cfg.url.as_str()).map_err(|e| anyhow::anyhow!("redis.url: {e}"))?;
-        Ok(())
+    fn client(cfg: &RedisConfig) -> anyhow::Result<redis::Client> {
+        redis::Client::open(cfg.url.as_str()).map_err(|e| anyhow::anyhow!("redis.url: {e}"))
     }
 
-    /// Connects, retrying until `wait` has passed; the error names the URL's host.
-    pub async fn connect(cfg: &RedisConfig, wait: Duration) -> anyhow::Result<RedisSink> {
-        let client =
-            redis::Client::open(cfg.url.as_str()).map_err(|e| anyhow::anyhow!("redis.url: {e}"))?;
-        let deadline = tokio::time::Instant::now() + wait;
-        let conn = loop {
-            // Bounded waits: a Redis that is down or hung fails fast and the
-            // caller decides when to try again.
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_number_of_retries(1)
-                .set_connection_timeout(Duration::from_secs(2))
-                .set_response_timeout(Duration::from_secs(5));
-            match client.get_connection_manager_with_config(config).await {
-                Ok(c) => break c,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::warn!(error = %e, "Redis not reachable yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => {
-                    let host = cfg.url.rsplit('@').next().unwrap_or(&cfg.url);
-                    anyhow::bail!("cannot connect to Redis at {host}: {e}");
-                }
-            }
-        };
+    /// Checks `redis.url` without connecting.
+    pub fn check_url(cfg: &RedisConfig) -> anyhow::Result<()> {
+        Self::client(cfg).map(|_| ())
+    }
+
+    /// One bounded connection attempt (a Redis that is down or hung fails
+    /// fast; the caller decides when to try again). The error names the
+    /// URL's host, never its password.
+    pub async fn connect(cfg: &RedisConfig) -> anyhow::Result<RedisSink> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(5));
+        let conn = Self::client(cfg)?
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|e| {
+                let host = cfg.url.rsplit('@').next().unwrap_or(&cfg.url);
+                anyhow::anyhow!("cannot connect to Redis at {host}: {e}")
+            })?;
         Ok(RedisSink {
             conn,
             prefix: cfg.key_prefix.clone(),
