@@ -21,6 +21,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+mod recs;
+pub use recs::RecsConfig;
+
 /// Prefix of environment overrides; `__` separates nesting levels.
 pub const ENV_PREFIX: &str = "STREAMSCORE__";
 
@@ -35,59 +38,6 @@ pub struct Config {
     pub redis: RedisConfig,
     pub http: HttpConfig,
     pub recs: RecsConfig,
-}
-
-/// Batch recommendation candidates rebuilt from the whole `interactions`
-/// log (docs/RECOMMENDATIONS.md explains the algorithm and every knob).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RecsConfig {
-    /// How often `streamscore run` rebuilds the candidates from the whole
-    /// log ("0s": never; `streamscore rebuild` still works). A run starts with
-    /// a rebuild when the newest generation in Redis is older than this.
-    #[serde(with = "humantime_serde")]
-    pub rebuild_interval: Duration,
-    /// Items per user.
-    pub top_k: usize,
-    /// Most recent items kept per user while replaying.
-    pub history_cap: usize,
-    /// Neighbours kept per item (co-occurrence lists are pruned to this).
-    pub max_neighbours: usize,
-    /// Half-life of an interaction's weight in the co-occurrence counts.
-    #[serde(with = "humantime_serde")]
-    pub decay_half_life: Duration,
-    /// Half-life of the popularity list (recent items count most).
-    #[serde(with = "humantime_serde")]
-    pub popular_half_life: Duration,
-    /// Items in `recs:popular`.
-    pub popular_k: usize,
-    /// TTL of `recs:{user_id}`, `recs:popular` and `recs:meta`.
-    #[serde(with = "humantime_serde")]
-    pub ttl: Duration,
-    /// Weights of view, click, add_to_cart and purchase.
-    pub weight_view: f64,
-    pub weight_click: f64,
-    pub weight_add_to_cart: f64,
-    pub weight_purchase: f64,
-}
-
-impl Default for RecsConfig {
-    fn default() -> Self {
-        RecsConfig {
-            rebuild_interval: Duration::from_secs(3600),
-            top_k: 20,
-            history_cap: 30,
-            max_neighbours: 50,
-            decay_half_life: Duration::from_secs(7 * 24 * 3600),
-            popular_half_life: Duration::from_secs(24 * 3600),
-            popular_k: 100,
-            ttl: Duration::from_secs(24 * 3600),
-            weight_view: 1.0,
-            weight_click: 2.0,
-            weight_add_to_cart: 4.0,
-            weight_purchase: 8.0,
-        }
-    }
 }
 
 /// Broker connection, group, topic naming and librdkafka pass-through.
@@ -402,36 +352,7 @@ impl Config {
     /// Cross-field checks; every problem found, each naming its field.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut errs = Vec::new();
-        let r = &self.recs;
-        for (name, v) in [
-            ("recs.top_k", r.top_k),
-            ("recs.history_cap", r.history_cap),
-            ("recs.max_neighbours", r.max_neighbours),
-            ("recs.popular_k", r.popular_k),
-        ] {
-            if v == 0 {
-                errs.push(format!("{name}: must be at least 1"));
-            }
-        }
-        for (name, d) in [
-            ("recs.decay_half_life", r.decay_half_life),
-            ("recs.popular_half_life", r.popular_half_life),
-            ("recs.ttl", r.ttl),
-        ] {
-            if d.as_secs() == 0 {
-                errs.push(format!("{name}: must be at least 1s"));
-            }
-        }
-        for (name, w) in [
-            ("recs.weight_view", r.weight_view),
-            ("recs.weight_click", r.weight_click),
-            ("recs.weight_add_to_cart", r.weight_add_to_cart),
-            ("recs.weight_purchase", r.weight_purchase),
-        ] {
-            if !(w.is_finite() && w >= 0.0) {
-                errs.push(format!("{name}: must be a finite number >= 0"));
-            }
-        }
+        self.recs.validate(&mut errs);
         if self.kafka.brokers.trim().is_empty() {
             errs.push("kafka.brokers: must not be empty".into());
         }
@@ -543,7 +464,7 @@ mod tests {
 
     #[test]
     fn shipped_config_file_parses_and_equals_defaults_where_documented() {
-        let text = include_str!("../config/streamscore.toml");
+        let text = include_str!("../../config/streamscore.toml");
         let cfg = Config::from_toml_str(text).expect("shipped config must load");
         assert_eq!(cfg.processing, ProcessingConfig::default());
         assert_eq!(cfg.windows, WindowConfig::default());
