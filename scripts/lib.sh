@@ -47,6 +47,14 @@ ensure_prometheus() { apt_install prometheus; }
 # docker-compose (v1, Debian) checks docker-compose.yml; no engine needed.
 ensure_compose() { apt_install docker-compose; }
 
+# A real OpenAPI validator (PyPI) for docs/openapi.yaml.
+ensure_openapi_validator() {
+  python3 -c 'import openapi_spec_validator' 2>/dev/null && return 0
+  log "installing openapi-spec-validator (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check 'openapi-spec-validator==0.7.1' \
+    || die "pip install openapi-spec-validator failed"
+}
+
 # The Kafka-protocol broker, built once per machine into the cache (~9 min).
 ensure_tansu() {
   if [ -x "$TANSU_BIN" ]; then return 0; fi
@@ -119,8 +127,13 @@ ensure_all() {
   ensure_redis
   ensure_prometheus
   ensure_compose
+  ensure_openapi_validator
   ensure_tansu
 }
+
+# tansu 0.6 has no Kafka transactions (EndTxn unsupported): every
+# streamscore these scripts start publishes recommendations without one.
+export STREAMSCORE__RECS__TOPIC_TRANSACTIONS=false
 
 # write_local_config FILE [EXTRA_TOML]: a streamscore config for the local
 # broker and Redis started here (TANSU_PORT, REDIS_PORT), with http.bind on

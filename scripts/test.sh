@@ -15,6 +15,8 @@ export STREAMSCORE_TEST_BROKERS="127.0.0.1:$TANSU_PORT"
 export STREAMSCORE_TEST_REDIS="redis://127.0.0.1:$REDIS_PORT"
 export STREAMSCORE_TEST_TANSU_BIN="$TANSU_BIN"
 
+log "openapi-spec-validator docs/openapi.yaml"
+python3 -m openapi_spec_validator docs/openapi.yaml
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy --all-targets -- -D warnings"

@@ -22,7 +22,8 @@ the whole design; this page tells where each part lives.
 - [`kafka`]: client configuration, topic administration, producing with
   backpressure.
 - [`sinks`]: Redis (keys, TTLs, pipelined writes).
-- [`http`]: `/metrics` and `/healthz`.
+- [`http`]: the `/v1` serving API ([`http::api`]), `/metrics`, `/healthz`, `/readyz`.
+- [`sessions`]: live per-user sessions from the `interactions` stream.
 - [`metrics`]: every metric, in one place.
 - [`generate`]: the synthetic event generator; [`commands`] the tool
   subcommands (`generate`, `features export`, `watch`, `topics apply`).
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod recs;
+pub mod sessions;
 pub mod sinks;
 pub mod topics;
 

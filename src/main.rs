@@ -59,14 +59,23 @@ async fn real_main(cli: Cli, cfg: Config) -> anyhow::Result<i32> {
         Command::Run => {
             let metrics = metrics::Metrics::new();
             let health = Arc::new(pipeline::Health::default());
+            let shared = pipeline::Shared::load(&cfg)?;
+            let api = Arc::new(http::api::Api::new(
+                cfg.clone(),
+                shared.engine.clone(),
+                shared.model.clone(),
+                shared.sessions.clone(),
+                metrics.clone(),
+            ));
             let server = http::serve(
                 cfg.http.bind,
                 metrics.clone(),
                 health.clone(),
+                Some(api),
                 shutdown.clone(),
             )
             .await?;
-            let r = pipeline::run(cfg, metrics, health, shutdown.clone()).await;
+            let r = pipeline::run(cfg, metrics, health, shared, shutdown.clone()).await;
             shutdown.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
             r.map(|()| 0)

@@ -49,6 +49,9 @@ pub struct Metrics {
     pub warmup_duration: Histogram,
     pub resume_gap_events: IntCounter,
     pub redelivered_skipped: IntCounter,
+    pub http_requests: IntCounterVec,
+    pub http_request_duration: prometheus::HistogramVec,
+    pub recs_served: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -101,7 +104,31 @@ impl Metrics {
         let r = Registry::new();
         // 0.5 ms .. ~65 s
         let latency = exponential_buckets(0.000_5, 2.0, 18).expect("valid buckets");
+        let http_request_duration = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "streamscore_http_request_duration_seconds",
+                "Server-side time of an HTTP request, by route.",
+            )
+            .buckets(exponential_buckets(0.000_05, 2.0, 16).expect("valid buckets")),
+            &["route"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(http_request_duration.clone()))
+            .expect("metric registered once");
         let m = Metrics {
+            http_requests: counter_vec(
+                &r,
+                "streamscore_http_requests_total",
+                "HTTP requests answered, by route and status code.",
+                &["route", "status"],
+            ),
+            http_request_duration,
+            recs_served: counter_vec(
+                &r,
+                "streamscore_recs_served_total",
+                "Recommendation responses, by source (hybrid, batch, popular).",
+                &["source"],
+            ),
             events_consumed: counter_vec(
                 &r,
                 "streamscore_events_consumed_total",

@@ -22,7 +22,9 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 mod recs;
+mod serving;
 pub use recs::RecsConfig;
+pub use serving::{ServingConfig, SessionsConfig};
 
 /// Prefix of environment overrides; `__` separates nesting levels.
 pub const ENV_PREFIX: &str = "STREAMSCORE__";
@@ -38,6 +40,8 @@ pub struct Config {
     pub redis: RedisConfig,
     pub http: HttpConfig,
     pub recs: RecsConfig,
+    pub sessions: SessionsConfig,
+    pub serving: ServingConfig,
 }
 
 /// Broker connection, group, topic naming and librdkafka pass-through.
@@ -279,7 +283,7 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-/// HTTP endpoint for `/metrics` and `/healthz`.
+/// HTTP endpoint: the `/v1` API, `/metrics`, `/healthz` and `/readyz`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
@@ -353,6 +357,8 @@ impl Config {
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut errs = Vec::new();
         self.recs.validate(&mut errs);
+        self.sessions.validate(&mut errs);
+        self.serving.validate(&mut errs);
         if self.kafka.brokers.trim().is_empty() {
             errs.push("kafka.brokers: must not be empty".into());
         }

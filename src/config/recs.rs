@@ -20,6 +20,9 @@ pub struct RecsConfig {
     pub history_cap: usize,
     /// Neighbours kept per item (co-occurrence lists are pruned to this).
     pub max_neighbours: usize,
+    /// Neighbours per item published for the serving layer's session
+    /// re-ranking (`recs:item:{item_id}`).
+    pub serve_neighbours: usize,
     /// Half-life of an interaction's weight in the co-occurrence counts.
     #[serde(with = "humantime_serde")]
     pub decay_half_life: Duration,
@@ -31,6 +34,11 @@ pub struct RecsConfig {
     /// TTL of `recs:{user_id}`, `recs:popular` and `recs:meta`.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// Publish each generation to the `recommendations` topic inside one
+    /// Kafka transaction, so a rebuild that dies half-way leaves no record
+    /// of its generation visible to `read_committed` readers. Needs a broker
+    /// with transactions (Kafka ≥ 0.11); tansu 0.6 has none (set false).
+    pub topic_transactions: bool,
     /// Weights of view, click, add_to_cart and purchase.
     pub weight_view: f64,
     pub weight_click: f64,
@@ -45,10 +53,12 @@ impl Default for RecsConfig {
             top_k: 20,
             history_cap: 30,
             max_neighbours: 50,
+            serve_neighbours: 20,
             decay_half_life: Duration::from_secs(7 * 24 * 3600),
             popular_half_life: Duration::from_secs(24 * 3600),
             popular_k: 100,
             ttl: Duration::from_secs(24 * 3600),
+            topic_transactions: true,
             weight_view: 1.0,
             weight_click: 2.0,
             weight_add_to_cart: 4.0,
@@ -65,6 +75,7 @@ impl RecsConfig {
             ("recs.top_k", r.top_k),
             ("recs.history_cap", r.history_cap),
             ("recs.max_neighbours", r.max_neighbours),
+            ("recs.serve_neighbours", r.serve_neighbours),
             ("recs.popular_k", r.popular_k),
         ] {
             if v == 0 {

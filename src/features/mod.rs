@@ -371,6 +371,54 @@ impl FeatureEngine {
         Features(out)
     }
 
+    /// A user's current window values as of `at` (default: the newest
+    /// event time folded in), computed by the same code as a score's
+    /// features: `(as_of, features)`; the event-specific entries (amount,
+    /// z-score, new device/country) are meaningless here. None: unknown user.
+    pub fn user_view(&self, user_id: &str, at: Option<i64>) -> Option<(i64, Features)> {
+        let u = self.users.get(user_id)?;
+        let as_of = at.unwrap_or_else(|| self.max_event_time().unwrap_or(u.last_event_time));
+        let probe = Self::probe(user_id, "", as_of);
+        let mut out = [0f32; N_FEATURES];
+        self.user_features(Some(&*u), &probe, &mut out);
+        Some((as_of, Features(out)))
+    }
+
+    /// A merchant's current window values as of `at` (see
+    /// [`FeatureEngine::user_view`]). None: unknown merchant.
+    pub fn merchant_view(&self, merchant_id: &str, at: Option<i64>) -> Option<(i64, Features)> {
+        let m = self.merchants.get(merchant_id)?;
+        let as_of = at.unwrap_or_else(|| self.max_event_time().unwrap_or(m.last_event_time));
+        let probe = Self::probe("", merchant_id, as_of);
+        let mut out = [0f32; N_FEATURES];
+        self.merchant_features(Some(&*m), &probe, &mut out);
+        Some((as_of, Features(out)))
+    }
+
+    /// The last event time of a user, if held.
+    pub fn user_last_event_time(&self, user_id: &str) -> Option<i64> {
+        self.users.get(user_id).map(|u| u.last_event_time)
+    }
+
+    /// The last event time of a merchant, if held.
+    pub fn merchant_last_event_time(&self, merchant_id: &str) -> Option<i64> {
+        self.merchants.get(merchant_id).map(|m| m.last_event_time)
+    }
+
+    fn probe(user_id: &str, merchant_id: &str, at: i64) -> Transaction {
+        Transaction {
+            txn_id: String::new(),
+            user_id: user_id.into(),
+            merchant_id: merchant_id.into(),
+            amount: 0.0,
+            currency: String::new(),
+            country: String::new(),
+            device_id: String::new(),
+            event_time: at,
+            fraud_pattern: None,
+        }
+    }
+
     fn event_features(t: &Transaction) -> [f32; N_FEATURES] {
         let mut out = [0f32; N_FEATURES];
         out[0] = t.amount as f32;

@@ -1,15 +1,22 @@
-//! The HTTP side of `streamscore run`: `/metrics` (Prometheus text format),
-//! `/healthz` (200 while the pipeline is consuming, 503 otherwise) and
-//! `/readyz` (also 503 while a partition's windows are rebuilt from the log).
+//! The HTTP side of `streamscore run`: the `/v1` API ([`api`]), `/metrics`
+//! (Prometheus text format), `/healthz` (200 while the pipeline is
+//! consuming, 503 otherwise) and `/readyz` (also 503 while a partition's
+//! windows or sessions are rebuilt from the log). Every request is counted
+//! and timed by route template.
+
+pub mod api;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::State;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +47,9 @@ async fn healthz_handler(State(s): State<AppState>) -> impl IntoResponse {
 async fn readyz_handler(State(s): State<AppState>) -> impl IntoResponse {
     if !s.health.running.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "not consuming\n")
-    } else if s.health.warming.load(Ordering::Relaxed) {
+    } else if s.health.warming.load(Ordering::Relaxed)
+        || s.health.sessions_warming.load(Ordering::Relaxed)
+    {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "rebuilding windows from the log\n",
@@ -50,13 +59,68 @@ async fn readyz_handler(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
+/// JSON 404 for paths no route matches.
+async fn not_found() -> api::ApiError {
+    api::ApiError::not_found("no such route; see docs/openapi.yaml")
+}
+
+/// JSON 405 for a known path with another method.
+async fn method_not_allowed() -> api::ApiError {
+    api::ApiError::method_not_allowed()
+}
+
+/// Counts and times every request by route template (bounded labels:
+/// unknown paths are `other`).
+async fn observe(
+    State(metrics): State<Metrics>,
+    req: Request,
+    next: Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "other".to_string(), |p| p.as_str().to_string());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    metrics
+        .http_request_duration
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .http_requests
+        .with_label_values(&[&route, resp.status().as_str()])
+        .inc();
+    resp
+}
+
 /// The router, separate from binding so tests can serve it anywhere.
-pub fn router(metrics: Metrics, health: Arc<Health>) -> Router {
-    Router::new()
+/// Without `api` only the operational routes exist.
+pub fn router(metrics: Metrics, health: Arc<Health>, api: Option<Arc<api::Api>>) -> Router {
+    let ops = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz_handler))
         .route("/readyz", get(readyz_handler))
-        .with_state(AppState { metrics, health })
+        .with_state(AppState {
+            metrics: metrics.clone(),
+            health,
+        });
+    let app = match api {
+        Some(api) => {
+            let limit = api.cfg.serving.max_body_bytes;
+            let v1 = Router::new()
+                .route("/v1/recommendations/{user_id}", get(api::recommendations))
+                .route("/v1/score", post(api::score))
+                .route("/v1/features/users/{id}", get(api::user_features))
+                .route("/v1/features/merchants/{id}", get(api::merchant_features))
+                .layer(DefaultBodyLimit::max(limit))
+                .with_state(api);
+            ops.merge(v1)
+        }
+        None => ops,
+    };
+    app.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(metrics, observe))
 }
 
 /// Binds `addr` (failing start-up with the address named) and serves until
@@ -65,13 +129,14 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
     health: Arc<Health>,
+    api: Option<Arc<api::Api>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("http.bind: cannot listen on {addr}: {e}"))?;
-    tracing::info!(%addr, "serving /metrics and /healthz");
-    let app = router(metrics, health);
+    tracing::info!(%addr, "serving the /v1 API, /metrics, /healthz and /readyz");
+    let app = router(metrics, health, api);
     Ok(tokio::spawn(async move {
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -58,6 +58,29 @@ pub struct Health {
     pub running: AtomicBool,
     /// Rebuilding a partition's windows from the log.
     pub warming: AtomicBool,
+    /// Rebuilding a partition's sessions from the log.
+    pub sessions_warming: Arc<AtomicBool>,
+}
+
+/// The state `run` keeps and the `/v1` API reads: window stores, the
+/// model, the live sessions.
+#[derive(Clone)]
+pub struct Shared {
+    pub engine: Arc<FeatureEngine>,
+    pub model: Arc<FraudModel>,
+    pub sessions: Arc<crate::sessions::SessionStore>,
+}
+
+impl Shared {
+    /// Loads the model (checking its signature) and creates empty stores.
+    pub fn load(cfg: &Config) -> anyhow::Result<Shared> {
+        let model = FraudModel::load(&cfg.model.path, &cfg.model.signature)?;
+        Ok(Shared {
+            engine: Arc::new(FeatureEngine::new(WindowSpec::from(&cfg.windows))),
+            model: Arc::new(model),
+            sessions: Arc::new(crate::sessions::SessionStore::new(&cfg.sessions)),
+        })
+    }
 }
 
 pub(crate) type Consumer_ = StreamConsumer<PipelineContext>;
@@ -92,7 +115,7 @@ struct Stage {
     cfg: Config,
     limits: Limits,
     engine: Arc<FeatureEngine>,
-    model: FraudModel,
+    model: Arc<FraudModel>,
     metrics: Metrics,
     producer: FutureProducer,
     scores_topic: Arc<str>,
@@ -107,6 +130,7 @@ struct Stage {
     /// Partitions whose events are already in the merchant windows.
     ever_warmed: HashSet<i32>,
     revoked: Arc<context::Revocations>,
+    in_flight: Arc<context::InFlight>,
     /// Next offset expected per partition in the current assignment.
     next_offset: HashMap<i32, i64>,
 }
@@ -328,18 +352,22 @@ pub async fn run(
     cfg: Config,
     metrics: Metrics,
     health: Arc<Health>,
+    shared: Shared,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let model = FraudModel::load(&cfg.model.path, &cfg.model.signature)?;
+    let Shared {
+        engine,
+        model,
+        sessions,
+    } = shared;
     metrics
         .model_info
         .with_label_values(&[model.version()])
         .set(1);
     tracing::info!(version = model.version(), path = %cfg.model.path.display(), "model loaded");
-    let engine = Arc::new(FeatureEngine::new(WindowSpec::from(&cfg.windows)));
-
     let in_topic = cfg.topic(topics::TRANSACTIONS);
     let revoked = Arc::new(context::Revocations::default());
+    let in_flight = Arc::new(context::InFlight::default());
     let scores_topic = cfg.topic(topics::FRAUD_SCORES);
     let dead_topic = cfg.topic(topics::DEAD_LETTER);
     let consumer: Arc<Consumer_> = Arc::new(
@@ -351,6 +379,8 @@ pub async fn run(
         .set("statistics.interval.ms", "5000")
         .create_with_context(PipelineContext {
             revoked: revoked.clone(),
+            in_flight: in_flight.clone(),
+            revoke_wait: cfg.processing.shutdown_deadline,
             consumer_lag: metrics.consumer_lag.clone(),
         })
         .context("creating the Kafka consumer")?,
@@ -372,6 +402,7 @@ pub async fn run(
         producer.clone(),
         metrics.clone(),
         in_topic.clone(),
+        in_flight.clone(),
     ));
     // Redis follows the output topic on its own; it stops with the pipeline.
     // A writer that fails for good (not Redis being down: that is retried)
@@ -390,6 +421,28 @@ pub async fn run(
                 tracing::error!(
                     error = format!("{e:#}"),
                     "the Redis writer failed; stopping"
+                );
+                shutdown.cancel();
+            }
+            r
+        })
+    };
+    // The live sessions follow `interactions` (own group); like the Redis
+    // writer, a follower that fails for good stops the pipeline.
+    let sessions_task = {
+        let (cfg, metrics, stop, shutdown, warming) = (
+            cfg.clone(),
+            metrics.clone(),
+            writer_stop.clone(),
+            shutdown.clone(),
+            health.sessions_warming.clone(),
+        );
+        tokio::spawn(async move {
+            let r = crate::sessions::follow::run(cfg, sessions, metrics, warming, stop).await;
+            if let Err(e) = &r {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "the session follower failed; stopping"
                 );
                 shutdown.cancel();
             }
@@ -419,6 +472,7 @@ pub async fn run(
         warmed: HashSet::new(),
         ever_warmed: HashSet::new(),
         revoked,
+        in_flight,
         next_offset: HashMap::new(),
         cfg,
     };
@@ -455,6 +509,12 @@ pub async fn run(
         Ok(Ok(Err(e))) => return Err(e.context("the Redis writer")),
         Ok(Err(e)) => anyhow::bail!("Redis writer task failed: {e}"),
         Err(_) => tracing::warn!("Redis writer did not stop within 10 s"),
+        Ok(Ok(Ok(()))) => {}
+    }
+    match tokio::time::timeout(Duration::from_secs(10), sessions_task).await {
+        Ok(Ok(Err(e))) => return Err(e.context("the session follower")),
+        Ok(Err(e)) => anyhow::bail!("session follower task failed: {e}"),
+        Err(_) => tracing::warn!("session follower did not stop within 10 s"),
         Ok(Ok(Ok(()))) => {}
     }
     result?;
@@ -521,6 +581,14 @@ async fn consume_loop(
             };
             match next {
                 Ok(Ok(m)) => {
+                    if stage.revoked.pending() {
+                        // A revocation happened inside this recv: what this
+                        // batch holds of those partitions is not scored.
+                        let gone = stage.forget_revoked();
+                        accepted.retain(|s| !gone.contains(&s.source.partition));
+                        rejected.retain(|r| !gone.contains(&r.source.partition));
+                        offsets.retain(|p, _| !gone.contains(p));
+                    }
                     stage
                         .before_take(consumer, &m, &mut accepted, &mut rejected, &mut offsets)
                         .await?;
@@ -537,7 +605,11 @@ async fn consume_loop(
             .metrics
             .batch_size
             .observe((accepted.len() + rejected.len()) as f64);
+        if accepted.is_empty() && rejected.is_empty() {
+            continue; // everything taken belonged to a revoked partition
+        }
         let batch = stage.emit(accepted, rejected, offsets, taken_at).await?;
+        stage.in_flight.emitted(&batch.offsets);
         if tx.send(batch).await.is_err() {
             anyhow::bail!("the acker stopped; see the error above");
         }

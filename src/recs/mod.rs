@@ -7,15 +7,17 @@
 //! item id and users are emitted sorted by id, so the same log range gives
 //! byte-identical output.
 
+pub mod hybrid;
 pub mod periodic;
 pub mod publish;
 pub mod replay;
+pub mod store;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use rustc_hash::FxHashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::RecsConfig;
 use crate::events::{Interaction, InteractionKind};
@@ -58,14 +60,14 @@ pub async fn rebuild_once(
 }
 
 /// One recommended item.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Scored {
     pub item_id: String,
     pub score: f64,
 }
 
 /// Where a user's list comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
     /// Neighbours of the user's own history.
@@ -92,6 +94,9 @@ pub struct Candidates {
     pub events: u64,
     /// Distinct items seen.
     pub items: usize,
+    /// Per item (sorted by item id), its strongest co-occurring items: the
+    /// serving layer boosts these when the item is in a live session.
+    pub neighbours: Vec<(String, Vec<Scored>)>,
 }
 
 struct UserState {
@@ -284,9 +289,25 @@ impl Builder {
                 source,
             });
         }
+        let serve_n = self.cfg.serve_neighbours;
+        let mut item_order: Vec<u32> = (0..self.names.len() as u32).collect();
+        item_order.sort_unstable_by(|a, b| self.names[*a as usize].cmp(&self.names[*b as usize]));
+        let neighbours = item_order
+            .into_iter()
+            .filter(|i| !neighbours[*i as usize].is_empty())
+            .map(|i| {
+                let list = top(
+                    neighbours[i as usize].iter().map(|(n, c)| (*n, c / norm)),
+                    &self.names,
+                    serve_n,
+                );
+                (self.names[i as usize].clone(), list)
+            })
+            .collect();
         Candidates {
             users,
             popular: popular_all,
+            neighbours,
             events: self.events,
             items: self.names.len(),
         }

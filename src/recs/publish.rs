@@ -7,14 +7,14 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, Producer};
 use serde::{Deserialize, Serialize};
 
 use super::replay::Range;
 use super::{Candidates, Scored, Source};
 use crate::config::Config;
 use crate::kafka::{self, produce};
-use crate::sinks::redis::{recs_key, recs_meta_key, recs_popular_key};
+use crate::sinks::redis::{item_neighbours_key, recs_key, recs_meta_key, recs_popular_key};
 use crate::topics;
 
 /// One user's record (schemas/recommendation.json).
@@ -68,6 +68,14 @@ pub fn digest(c: &Candidates) -> String {
         feed(s.item_id.as_bytes());
         feed(format!("{:.6}", s.score).as_bytes());
     }
+    for (item, list) in &c.neighbours {
+        feed(b"\n");
+        feed(item.as_bytes());
+        for s in list {
+            feed(s.item_id.as_bytes());
+            feed(format!("{:.6}", s.score).as_bytes());
+        }
+    }
     format!("{h:016x}")
 }
 
@@ -97,7 +105,39 @@ async fn read_meta(
     Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
 }
 
+/// Writes one generation's values into a pipeline: field `generation` of
+/// `key` (a hash), the field two generations back dropped (the current one
+/// stays until `recs:meta` names the new one), TTL renewed.
+fn hset_generation(
+    pipe: &mut redis::Pipeline,
+    key: String,
+    generation: u64,
+    json: &[u8],
+    ttl: u64,
+) {
+    pipe.cmd("HSET")
+        .arg(&key)
+        .arg(generation)
+        .arg(json)
+        .ignore();
+    if generation >= 2 {
+        pipe.cmd("HDEL").arg(&key).arg(generation - 2).ignore();
+    }
+    pipe.cmd("EXPIRE").arg(key).arg(ttl).ignore();
+}
+
 /// Publishes `c` as the next generation; returns its `recs:meta`.
+///
+/// Every Redis value of a generation is a field named by the generation
+/// number in a hash (`recs:{user}`, `recs:popular`,
+/// `item:{item}:neighbours`); readers take the field that `recs:meta`
+/// names, and `recs:meta` is written last. A rebuild that dies half-way
+/// has only added fields nobody reads: the previous generation stays whole.
+/// On the topic, the generation is one Kafka transaction
+/// (`recs.topic_transactions`): a reader with `isolation.level=read_committed`
+/// never sees half of one. Without it (brokers without transactions) a dead
+/// rebuild leaves part of its generation on the topic, recognisable by a
+/// `generation` above the one `recs:meta` names.
 pub async fn publish(
     cfg: &Config,
     c: &Candidates,
@@ -110,10 +150,19 @@ pub async fn publish(
         .await?
         .map_or(1, |m| m.generation + 1);
     let topic = cfg.topic(topics::RECOMMENDATIONS);
-    let producer: FutureProducer = kafka::producer_config(&cfg.kafka)
-        .create()
-        .context("creating the Kafka producer")?;
+    let transactional = cfg.recs.topic_transactions;
+    let producer = if transactional {
+        let p = transactional_producer(cfg).await?;
+        p.begin_transaction()
+            .context("beginning the recommendations transaction")?;
+        p
+    } else {
+        kafka::producer_config(&cfg.kafka)
+            .create()
+            .context("creating the Kafka producer")?
+    };
     let ttl = cfg.recs.ttl.as_secs().max(1);
+    let kafka_timeout = Duration::from_secs(30);
     // Topic and Redis, in chunks (bounded memory), every write acknowledged.
     for chunk in c.users.chunks(1_000) {
         let mut futs = Vec::with_capacity(chunk.len());
@@ -133,12 +182,13 @@ pub async fn publish(
                     .await
                     .with_context(|| format!("producing to {topic}"))?,
             );
-            pipe.cmd("SET")
-                .arg(recs_key(prefix, &u.user_id))
-                .arg(json)
-                .arg("EX")
-                .arg(ttl)
-                .ignore();
+            hset_generation(
+                &mut pipe,
+                recs_key(prefix, &u.user_id),
+                generation,
+                &json,
+                ttl,
+            );
         }
         for f in futs {
             produce::acknowledged(f)
@@ -149,12 +199,55 @@ pub async fn publish(
             .await
             .context("writing recs:{user} to Redis")?;
     }
+    for chunk in c.neighbours.chunks(1_000) {
+        let mut pipe = redis::pipe();
+        for (item, list) in chunk {
+            let json = serde_json::to_vec(list).context("serialising neighbours")?;
+            hset_generation(
+                &mut pipe,
+                item_neighbours_key(prefix, item),
+                generation,
+                &json,
+                ttl,
+            );
+        }
+        pipe.query_async::<()>(&mut con)
+            .await
+            .context("writing item neighbours to Redis")?;
+    }
     let popular = serde_json::json!({
         "items": c.popular,
         "source": "popular",
         "generation": generation,
         "built_at": built_at,
     });
+    let mut pipe = redis::pipe();
+    hset_generation(
+        &mut pipe,
+        recs_popular_key(prefix),
+        generation,
+        popular.to_string().as_bytes(),
+        ttl,
+    );
+    pipe.query_async::<()>(&mut con)
+        .await
+        .context("writing recs:popular")?;
+    // The topic's generation becomes visible, then Redis' (a crash between
+    // the two leaves Redis one generation behind the topic, never ahead).
+    let p = producer.clone();
+    if transactional {
+        tokio::task::spawn_blocking(move || p.commit_transaction(kafka_timeout))
+            .await
+            .context("commit task")?
+            .context(
+                "committing the recommendations transaction (a broker without transactions needs recs.topic_transactions = false)",
+            )?;
+    } else {
+        tokio::task::spawn_blocking(move || p.flush(kafka_timeout))
+            .await
+            .context("flush task")?
+            .context("flushing the recommendations producer")?;
+    }
     let meta = Meta {
         generation,
         built_at,
@@ -164,23 +257,30 @@ pub async fn publish(
         items: c.items,
         digest: digest(c),
     };
-    redis::pipe()
-        .cmd("SET")
-        .arg(recs_popular_key(prefix))
-        .arg(popular.to_string())
-        .arg("EX")
-        .arg(ttl)
-        .ignore()
-        .cmd("SET")
+    redis::cmd("SET")
         .arg(recs_meta_key(prefix))
         .arg(serde_json::to_string(&meta).context("serialising recs:meta")?)
         .arg("EX")
         .arg(ttl)
-        .ignore()
         .query_async::<()>(&mut con)
         .await
-        .context("writing recs:popular and recs:meta")?;
-    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10))
-        .context("flushing the producer")?;
+        .context("writing recs:meta")?;
     Ok(meta)
+}
+
+/// The producer of the `recommendations` topic: transactional, with a fixed
+/// id per consumer group, so starting it fences (and aborts) the open
+/// transaction of a rebuild that died.
+async fn transactional_producer(cfg: &Config) -> anyhow::Result<FutureProducer> {
+    let id = format!("{}.recs-publisher", cfg.kafka.group_id);
+    let producer: FutureProducer = kafka::producer_config(&cfg.kafka)
+        .set("transactional.id", &id)
+        .create()
+        .context("creating the Kafka producer")?;
+    let p = producer.clone();
+    tokio::task::spawn_blocking(move || p.init_transactions(Duration::from_secs(30)))
+        .await
+        .context("init task")?
+        .with_context(|| format!("initialising Kafka transactions (transactional.id {id})"))?;
+    Ok(producer)
 }

@@ -36,7 +36,8 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 return 1
 "#;
 
-/// Key of a user's recommendation candidates.
+/// Key of a user's recommendation candidates: a hash whose fields are
+/// generation numbers (the current one is named by `recs:meta`).
 pub fn recs_key(prefix: &str, user_id: &str) -> String {
     format!("{prefix}recs:{user_id}")
 }
@@ -49,6 +50,12 @@ pub fn recs_popular_key(prefix: &str) -> String {
 /// Key of the generation metadata, written after the rest of a generation.
 pub fn recs_meta_key(prefix: &str) -> String {
     format!("{prefix}recs:meta")
+}
+
+/// Key of an item's strongest co-occurring items (the serving layer's
+/// session re-ranking reads these).
+pub fn item_neighbours_key(prefix: &str, item_id: &str) -> String {
+    format!("{prefix}item:{item_id}:neighbours")
 }
 
 /// One score to cache.

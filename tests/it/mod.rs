@@ -8,4 +8,5 @@ mod recs;
 mod redis_outage;
 mod restart;
 mod schemas;
+mod serving;
 mod util;

@@ -143,6 +143,10 @@ score_ttl = "1h"
 
 [http]
 bind = "127.0.0.1:{port}"
+
+# tansu 0.6 has no Kafka transactions (EndTxn unsupported).
+[recs]
+topic_transactions = false
 {extra}
 "#,
             brokers = brokers(),
@@ -427,6 +431,28 @@ pub fn scrape(url: &str) -> Option<String> {
     status.contains(" 200 ").then(|| body.to_string())
 }
 
+/// One HTTP/1.1 request on a fresh connection: (status, body). None
+/// while nothing listens.
+pub fn http(port: u16, method: &str, path: &str, body: Option<&[u8]>) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let body = body.unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).ok()?;
+    // The server may answer (413) before reading a large body: a failed
+    // write is not an error as long as the answer can be read.
+    let _ = s.write_all(body);
+    let mut buf = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status: u16 = head.lines().next()?.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
 /// The value of one sample line `name{labels} value` (labels exact, or none).
 pub fn metric(text: &str, name_with_labels: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
@@ -519,6 +545,14 @@ pub fn model_version() -> String {
 pub fn keyed_records(txns: &[streamscore::events::Transaction]) -> Vec<(String, Vec<u8>)> {
     txns.iter()
         .map(|t| (t.user_id.clone(), serde_json::to_vec(t).expect("serialise")))
+        .collect()
+}
+
+/// Interactions as keyed records (key: user id), ready to produce.
+pub fn interaction_records(events: &[streamscore::events::Interaction]) -> Vec<(String, Vec<u8>)> {
+    events
+        .iter()
+        .map(|e| (e.user_id.clone(), serde_json::to_vec(e).expect("serialise")))
         .collect()
 }
 

@@ -1,0 +1,94 @@
+//! `[sessions]` and `[serving]`: the live session windows and the HTTP
+//! serving layer (docs/SERVING.md).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Per-user session windows, kept from the `interactions` stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// A session ends after this much event time without an interaction of
+    /// the user (its items are then forgotten).
+    #[serde(with = "humantime_serde")]
+    pub idle_gap: Duration,
+    /// Most recent interactions kept per session.
+    pub max_items: usize,
+    /// Most sessions held; beyond it the least recently active are evicted.
+    pub max_users: usize,
+    /// Consumer group of the session follower; default
+    /// `{kafka.group_id}.sessions`.
+    pub group: Option<String>,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            idle_gap: Duration::from_secs(30 * 60),
+            max_items: 50,
+            max_users: 1_000_000,
+            group: None,
+        }
+    }
+}
+
+/// The HTTP API (`/v1/...`), served on `[http] bind`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServingConfig {
+    /// Weight of the live session against the batch score in the hybrid
+    /// ranking (0: plain batch order).
+    pub session_boost: f64,
+    /// Largest `k` a request may ask for.
+    pub max_k: usize,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// Longest wait for Redis within one request (then 503).
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+}
+
+impl Default for ServingConfig {
+    fn default() -> Self {
+        ServingConfig {
+            session_boost: 1.0,
+            max_k: 200,
+            max_body_bytes: 64 * 1024,
+            redis_timeout: Duration::from_millis(50),
+        }
+    }
+}
+
+impl SessionsConfig {
+    pub(super) fn validate(&self, errs: &mut Vec<String>) {
+        if self.idle_gap.as_secs() == 0 {
+            errs.push("sessions.idle_gap: must be at least 1s".into());
+        }
+        for (name, v) in [
+            ("sessions.max_items", self.max_items),
+            ("sessions.max_users", self.max_users),
+        ] {
+            if v == 0 {
+                errs.push(format!("{name}: must be at least 1"));
+            }
+        }
+    }
+}
+
+impl ServingConfig {
+    pub(super) fn validate(&self, errs: &mut Vec<String>) {
+        if !(self.session_boost.is_finite() && self.session_boost >= 0.0) {
+            errs.push("serving.session_boost: must be a finite number >= 0".into());
+        }
+        if self.max_k == 0 {
+            errs.push("serving.max_k: must be at least 1".into());
+        }
+        if self.max_body_bytes < 256 {
+            errs.push("serving.max_body_bytes: must be at least 256".into());
+        }
+        if self.redis_timeout.is_zero() {
+            errs.push("serving.redis_timeout: must be more than 0".into());
+        }
+    }
+}

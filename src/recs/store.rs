@@ -1,0 +1,90 @@
+//! Reading the current generation back from Redis (the serving layer and
+//! the tests): `recs:meta` names the generation, and every other value is
+//! the field of that number in its hash.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use super::publish::Meta;
+use super::{Scored, Source};
+use crate::sinks::redis::{item_neighbours_key, recs_key, recs_meta_key, recs_popular_key};
+
+/// A user's record as published (schemas/recommendation.json).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct UserList {
+    pub user_id: String,
+    pub items: Vec<Scored>,
+    pub source: Source,
+    pub generation: u64,
+    pub built_at: i64,
+}
+
+#[derive(Deserialize)]
+struct PopularList {
+    items: Vec<Scored>,
+}
+
+/// What the current generation holds for one request.
+#[derive(Debug, Clone, Default)]
+pub struct Current {
+    pub meta: Option<Meta>,
+    /// The user's own list (None: unknown user, or no generation).
+    pub user: Option<UserList>,
+    pub popular: Vec<Scored>,
+    /// Neighbour lists of the asked items that have one.
+    pub neighbours: HashMap<String, Vec<Scored>>,
+}
+
+/// Reads `recs:meta`, then in one round trip the user's list, the popular
+/// list and the neighbours of `items`, all of the generation it names.
+pub async fn read<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    prefix: &str,
+    user_id: &str,
+    items: &[&str],
+) -> anyhow::Result<Current> {
+    let raw: Option<String> = redis::cmd("GET")
+        .arg(recs_meta_key(prefix))
+        .query_async(con)
+        .await
+        .context("reading recs:meta")?;
+    let Some(meta) = raw.and_then(|r| serde_json::from_str::<Meta>(&r).ok()) else {
+        return Ok(Current::default());
+    };
+    let g = meta.generation;
+    let mut pipe = redis::pipe();
+    pipe.cmd("HGET").arg(recs_key(prefix, user_id)).arg(g);
+    pipe.cmd("HGET").arg(recs_popular_key(prefix)).arg(g);
+    for i in items {
+        pipe.cmd("HGET").arg(item_neighbours_key(prefix, i)).arg(g);
+    }
+    let vals: Vec<Option<String>> = pipe
+        .query_async(con)
+        .await
+        .context("reading the current generation")?;
+    let mut vals = vals.into_iter();
+    let user = vals
+        .next()
+        .flatten()
+        .and_then(|v| serde_json::from_str::<UserList>(&v).ok());
+    let popular = vals
+        .next()
+        .flatten()
+        .and_then(|v| serde_json::from_str::<PopularList>(&v).ok())
+        .map(|p| p.items)
+        .unwrap_or_default();
+    let mut neighbours = HashMap::new();
+    for (i, v) in items.iter().zip(vals) {
+        if let Some(list) = v.and_then(|v| serde_json::from_str::<Vec<Scored>>(&v).ok()) {
+            neighbours.insert(i.to_string(), list);
+        }
+    }
+    Ok(Current {
+        meta: Some(meta),
+        user,
+        popular,
+        neighbours,
+    })
+}
