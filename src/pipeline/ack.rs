@@ -42,6 +42,7 @@ pub(crate) async fn ack_loop(
     producer: FutureProducer,
     metrics: Metrics,
     in_topic: String,
+    in_flight: Arc<super::context::InFlight>,
 ) -> anyhow::Result<()> {
     while let Some(b) = rx.recv().await {
         for (fut, rec) in b.deliveries {
@@ -71,6 +72,7 @@ pub(crate) async fn ack_loop(
             // these events (at least once).
             tracing::debug!(error = %e, "offsets not stored");
         }
+        in_flight.stored(&b.offsets);
         let now = crate::now_ms();
         metrics.events_scored.inc_by(b.event_times.len() as u64);
         metrics.events_flagged.inc_by(b.flagged);

@@ -1,8 +1,10 @@
 //! The consumer context: logs rebalances and hands revoked partitions to
 //! the loop.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{ConsumerContext, Rebalance};
 use rdkafka::ClientContext;
@@ -23,6 +25,11 @@ impl Revocations {
         }
     }
 
+    /// Whether a revocation is waiting to be taken (one atomic load).
+    pub(crate) fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
     /// The partitions revoked since the last call (usually none).
     pub(crate) fn take(&self) -> Vec<i32> {
         if !self.pending.swap(false, Ordering::Acquire) {
@@ -35,10 +42,83 @@ impl Revocations {
     }
 }
 
+/// Next offsets handed to the acker and stored by it, per partition, so a
+/// revocation can wait for the outputs of what was already processed.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    state: Mutex<(HashMap<i32, i64>, HashMap<i32, i64>)>,
+    cv: Condvar,
+}
+
+impl InFlight {
+    fn raise(map: &mut HashMap<i32, i64>, offsets: &[(i32, i64)]) {
+        for (p, o) in offsets {
+            let e = map.entry(*p).or_insert(i64::MIN);
+            *e = (*e).max(*o);
+        }
+    }
+
+    /// A batch with these next offsets went to the acker.
+    pub(crate) fn emitted(&self, offsets: &[(i32, i64)]) {
+        if let Ok(mut s) = self.state.lock() {
+            Self::raise(&mut s.0, offsets);
+        }
+    }
+
+    /// The acker stored these offsets (their outputs are acknowledged).
+    pub(crate) fn stored(&self, offsets: &[(i32, i64)]) {
+        if let Ok(mut s) = self.state.lock() {
+            Self::raise(&mut s.1, offsets);
+        }
+        self.cv.notify_all();
+    }
+
+    /// Waits until every batch emitted for `partitions` is stored, at most
+    /// `within`; then forgets those partitions. False on timeout.
+    pub(crate) fn drain(&self, partitions: &[i32], within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        let done = loop {
+            let behind = partitions.iter().any(|p| match s.0.get(p) {
+                Some(e) => s.1.get(p).is_none_or(|a| a < e),
+                None => false,
+            });
+            if !behind {
+                break true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break false;
+            }
+            s = match self.cv.wait_timeout(s, left) {
+                Ok((g, _)) => g,
+                Err(_) => return false,
+            };
+        };
+        for p in partitions {
+            s.0.remove(p);
+            s.1.remove(p);
+        }
+        done
+    }
+}
+
 /// Logs partition assignment changes and tells the loop which partitions
 /// were revoked (their users are dropped and rebuilt if they come back).
+///
+/// On a revocation it first waits (up to `revoke_wait`) until the acker has
+/// stored the offsets of every batch already processed for those
+/// partitions, so librdkafka's commit on revoke (auto commit is on) commits
+/// them: the new owner starts after the last scored event. Messages of the
+/// revoked partitions still in the batch being collected are dropped by the
+/// loop, unscored; their offsets were never stored, so the new owner scores
+/// them.
 pub struct PipelineContext {
     pub(crate) revoked: Arc<Revocations>,
+    pub(crate) in_flight: Arc<InFlight>,
+    pub(crate) revoke_wait: Duration,
     /// Consumer lag per partition, from librdkafka's statistics.
     pub(crate) consumer_lag: prometheus::IntGaugeVec,
 }
@@ -77,6 +157,33 @@ impl ConsumerContext for PipelineContext {
             tracing::warn!(error = %e, "rebalance error");
         }
         tracing::info!(kind, ?partitions, "rebalance: before");
+        if let Rebalance::Revoke(_) = rebalance {
+            if partitions.is_empty() {
+                return;
+            }
+            let started = Instant::now();
+            let drain = || self.in_flight.drain(&partitions, self.revoke_wait);
+            // Called from the loop's recv on a runtime worker: let the
+            // runtime move its other tasks (the acker) elsewhere meanwhile.
+            let done = match tokio::runtime::Handle::try_current() {
+                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                    tokio::task::block_in_place(drain)
+                }
+                _ => drain(),
+            };
+            if done {
+                tracing::info!(
+                    ?partitions,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "revoke: outputs of processed events acknowledged, offsets stored (committed on revoke)"
+                );
+            } else {
+                tracing::warn!(
+                    ?partitions,
+                    "revoke: outputs not all acknowledged in time; the new owner re-reads them"
+                );
+            }
+        }
     }
     fn post_rebalance(&self, rebalance: &Rebalance<'_>) {
         let (kind, partitions) = describe(rebalance);
@@ -90,6 +197,31 @@ impl ConsumerContext for PipelineContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drain_waits_for_the_acker_and_times_out_otherwise() {
+        let f = Arc::new(InFlight::default());
+        f.emitted(&[(0, 10), (1, 5)]);
+        // Nothing stored for partition 1: times out.
+        assert!(!f.drain(&[1], Duration::from_millis(20)));
+        f.emitted(&[(0, 20)]);
+        let g = f.clone();
+        let acker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            g.stored(&[(0, 10)]);
+            std::thread::sleep(Duration::from_millis(30));
+            g.stored(&[(0, 20)]);
+        });
+        let t = Instant::now();
+        assert!(f.drain(&[0], Duration::from_secs(5)));
+        assert!(
+            t.elapsed() >= Duration::from_millis(50),
+            "returned before the second store"
+        );
+        acker.join().unwrap();
+        // Partitions never emitted need no wait.
+        assert!(f.drain(&[7], Duration::from_millis(0)));
+    }
 
     #[test]
     fn revocations_are_handed_over_once() {

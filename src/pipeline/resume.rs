@@ -87,8 +87,9 @@ impl Stage {
     }
 
     /// Drops the state of partitions revoked since the last call.
-    pub(super) fn forget_revoked(&mut self) {
-        for p in self.revoked.take() {
+    pub(super) fn forget_revoked(&mut self) -> Vec<i32> {
+        let revoked = self.revoked.take();
+        for &p in &revoked {
             self.next_offset.remove(&p);
             if self.warmed.remove(&p) {
                 let dropped = self.engine.drop_partition_users(p);
@@ -100,6 +101,7 @@ impl Stage {
                 );
             }
         }
+        revoked
     }
 
     /// Rebuilds the windows of `partition` from the log before the message
