@@ -14,10 +14,10 @@ SECS=${2:-30}
 CONNS=${3:-16}
 USERS=10000
 ensure_all
-apt_install wrk
+apt_install wrk curl
 cargo build --release --quiet --bin streamscore
 start_local_services bench-serving
-HTTP_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+HTTP_PORT=$(free_port)
 CFG=$RUN_DIR/streamscore.toml
 write_local_config "$CFG" '[recs]
 rebuild_interval = "0s"'

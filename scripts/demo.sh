@@ -2,8 +2,8 @@
 # The demo: installs what is missing, starts a local broker (tansu) and
 # redis-server on free loopback ports, creates the topics, starts
 # `streamscore run`, produces generated transactions (with some malformed
-# ones), and shows scores arriving plus a few Redis keys. Ctrl-C stops
-# everything it started.
+# ones), and shows scores arriving, a few Redis keys, a recommendation
+# rebuild and the serving API. Ctrl-C stops everything it started.
 #
 #   scripts/demo.sh [RATE]      (default 200 transactions/s)
 set -euo pipefail
@@ -77,8 +77,19 @@ GEN_PID=$!
   tail -1 "$RUN_DIR/rebuild.log"
   echo "GET recs:meta"
   redis-cli -p "$REDIS_PORT" GET recs:meta | cut -c1-300
-  echo "GET recs:user-7"
-  redis-cli -p "$REDIS_PORT" GET recs:user-7 | cut -c1-300
+  gen=$(redis-cli -p "$REDIS_PORT" GET recs:meta | python3 -c 'import json,sys; print(json.load(sys.stdin)["generation"])')
+  echo "HGET recs:user-7 $gen   (each generation is a field; recs:meta names the current one)"
+  redis-cli -p "$REDIS_PORT" HGET recs:user-7 "$gen" | cut -c1-300
+  echo
+  echo "---- the serving API (docs/openapi.yaml) ----"
+  echo "GET /v1/recommendations/user-7?k=5"
+  curl -s "http://127.0.0.1:$HTTP_PORT/v1/recommendations/user-7?k=5"; echo
+  now=$(($(date +%s) * 1000))
+  body='{"txn_id":"demo-1","user_id":"user-7","merchant_id":"merchant-3","amount":950.0,"currency":"EUR","country":"FR","device_id":"new-device","event_time":'$now'}'
+  echo "POST /v1/score $body"
+  curl -s -X POST -H 'Content-Type: application/json' -d "$body" "http://127.0.0.1:$HTTP_PORT/v1/score" | cut -c1-400; echo
+  echo "POST /v1/score with a negative amount"
+  curl -s -X POST -d "${body/950.0/-5}" "http://127.0.0.1:$HTTP_PORT/v1/score"; echo
   echo "-----------------------------------------------------"
   echo
 ) &
