@@ -49,5 +49,7 @@ for target in recs score; do
   echo "stream meanwhile: $(( (${after%.*} - ${before%.*}) / SECS )) transactions scored/s"
 done
 curl -s "http://127.0.0.1:$HTTP_PORT/metrics" | grep -E '^streamscore_recs_served_total|^streamscore_http_requests_total' || true
+curl -s "http://127.0.0.1:$HTTP_PORT/metrics" | grep -E '^streamscore_event_to_score_latency_seconds_(count|sum)' || true
+grep -E "WARN|ERROR" "$RUN_DIR/run.log" | tail -5 || true
 kill "$GEN_PID" 2>/dev/null || true
 kill -TERM "$RUN_PID"; wait "$RUN_PID" || true

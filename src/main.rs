@@ -69,15 +69,19 @@ async fn real_main(cli: Cli, cfg: Config) -> anyhow::Result<i32> {
             ));
             let server = http::serve(
                 cfg.http.bind,
+                cfg.serving.threads,
                 metrics.clone(),
                 health.clone(),
                 Some(api),
                 shutdown.clone(),
-            )
-            .await?;
+            )?;
             let r = pipeline::run(cfg, metrics, health, shared, shutdown.clone()).await;
             shutdown.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::task::spawn_blocking(move || server.join()),
+            )
+            .await;
             r.map(|()| 0)
         }
         Command::Rebuild => commands::rebuild(&cfg).await.map(|()| 0),

@@ -47,6 +47,9 @@ pub struct ServingConfig {
     /// Longest wait for Redis within one request (then 503).
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
+    /// Worker threads of the HTTP server's own runtime (apart from the
+    /// stream's, so a flood of requests cannot starve the stream).
+    pub threads: usize,
 }
 
 impl Default for ServingConfig {
@@ -56,6 +59,7 @@ impl Default for ServingConfig {
             max_k: 200,
             max_body_bytes: 64 * 1024,
             redis_timeout: Duration::from_millis(50),
+            threads: 1,
         }
     }
 }
@@ -80,6 +84,9 @@ impl ServingConfig {
     pub(super) fn validate(&self, errs: &mut Vec<String>) {
         if !(self.session_boost.is_finite() && self.session_boost >= 0.0) {
             errs.push("serving.session_boost: must be a finite number >= 0".into());
+        }
+        if self.threads == 0 {
+            errs.push("serving.threads: must be at least 1".into());
         }
         if self.max_k == 0 {
             errs.push("serving.max_k: must be at least 1".into());

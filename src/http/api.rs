@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::model::FraudModel;
 use crate::pipeline::output::Decision;
 use crate::recs::hybrid::{self, ServedSource};
+use crate::recs::publish::Meta;
 use crate::recs::{store, Scored};
 use crate::sessions::{SessionItem, SessionStore};
 
@@ -47,7 +48,15 @@ pub struct Api {
     pub sessions: Arc<SessionStore>,
     pub metrics: Metrics,
     redis: OnceCell<redis::aio::ConnectionManager>,
+    /// `recs:meta`, re-read at most every [`META_MAX_AGE`] (one Redis round
+    /// trip per request instead of two).
+    meta: std::sync::RwLock<Option<(Instant, Meta)>>,
 }
+
+/// How long a read of `recs:meta` is reused. A rebuild keeps the previous
+/// generation's fields until the next one, so a reader a second behind
+/// still finds whole data; a new generation is served within this.
+const META_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Api {
     pub fn new(
@@ -64,6 +73,7 @@ impl Api {
             sessions,
             metrics,
             redis: OnceCell::new(),
+            meta: std::sync::RwLock::new(None),
         }
     }
 
@@ -86,6 +96,14 @@ impl Api {
             })
             .await
             .cloned()
+    }
+}
+
+impl Api {
+    fn cached_meta(&self) -> Option<Meta> {
+        let c = self.meta.read().ok()?;
+        let (at, m) = c.as_ref()?;
+        (at.elapsed() < META_MAX_AGE).then(|| m.clone())
     }
 }
 
@@ -231,10 +249,22 @@ pub async fn recommendations(
     let mut con = api.redis().await?;
     let items: Vec<&str> = signal.iter().map(|(i, _)| i.as_str()).collect();
     let prefix = api.cfg.redis.key_prefix.clone();
-    let current = tokio::time::timeout(
-        api.cfg.serving.redis_timeout,
-        store::read(&mut con, &prefix, &user_id, &items),
-    )
+    let current = tokio::time::timeout(api.cfg.serving.redis_timeout, async {
+        let meta = match api.cached_meta() {
+            Some(m) => Some(m),
+            None => {
+                let m = store::read_meta(&mut con, &prefix).await?;
+                if let (Some(m), Ok(mut c)) = (&m, api.meta.write()) {
+                    *c = Some((Instant::now(), m.clone()));
+                }
+                m
+            }
+        };
+        match meta {
+            Some(m) => store::read_generation(&mut con, &prefix, m, &user_id, &items).await,
+            None => Ok(store::Current::default()),
+        }
+    })
     .await
     .map_err(|_| ApiError::unavailable("Redis did not answer in time".into()))?
     .map_err(|e| ApiError::unavailable(format!("{e:#}")))?;

@@ -37,22 +37,30 @@ pub struct Current {
     pub neighbours: HashMap<String, Vec<Scored>>,
 }
 
-/// Reads `recs:meta`, then in one round trip the user's list, the popular
-/// list and the neighbours of `items`, all of the generation it names.
-pub async fn read<C: redis::aio::ConnectionLike>(
+/// The generation `recs:meta` names (None: nothing published yet).
+pub async fn read_meta<C: redis::aio::ConnectionLike>(
     con: &mut C,
     prefix: &str,
-    user_id: &str,
-    items: &[&str],
-) -> anyhow::Result<Current> {
+) -> anyhow::Result<Option<Meta>> {
     let raw: Option<String> = redis::cmd("GET")
         .arg(recs_meta_key(prefix))
         .query_async(con)
         .await
         .context("reading recs:meta")?;
-    let Some(meta) = raw.and_then(|r| serde_json::from_str::<Meta>(&r).ok()) else {
-        return Ok(Current::default());
-    };
+    Ok(raw.and_then(|r| serde_json::from_str::<Meta>(&r).ok()))
+}
+
+/// In one round trip: the user's list, the popular list and the
+/// neighbours of `items` of generation `meta` (a reader may cache `meta`
+/// for a moment: a rebuild keeps the previous generation's fields until
+/// the one after).
+pub async fn read_generation<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    prefix: &str,
+    meta: Meta,
+    user_id: &str,
+    items: &[&str],
+) -> anyhow::Result<Current> {
     let g = meta.generation;
     let mut pipe = redis::pipe();
     pipe.cmd("HGET").arg(recs_key(prefix, user_id)).arg(g);
