@@ -70,6 +70,7 @@ async fn real_main(cli: Cli, cfg: Config) -> anyhow::Result<i32> {
             let server = http::serve(
                 cfg.http.bind,
                 cfg.serving.threads,
+                cfg.serving.nice,
                 metrics.clone(),
                 health.clone(),
                 Some(api),

@@ -50,6 +50,10 @@ pub struct ServingConfig {
     /// Worker threads of the HTTP server's own runtime (apart from the
     /// stream's, so a flood of requests cannot starve the stream).
     pub threads: usize,
+    /// How much lower than the stream the HTTP threads run (Linux nice,
+    /// 0..=19): when CPU is short the stream, the source of every answer,
+    /// goes first and requests wait.
+    pub nice: i32,
 }
 
 impl Default for ServingConfig {
@@ -60,6 +64,7 @@ impl Default for ServingConfig {
             max_body_bytes: 64 * 1024,
             redis_timeout: Duration::from_millis(50),
             threads: 1,
+            nice: 10,
         }
     }
 }
@@ -84,6 +89,9 @@ impl ServingConfig {
     pub(super) fn validate(&self, errs: &mut Vec<String>) {
         if !(self.session_boost.is_finite() && self.session_boost >= 0.0) {
             errs.push("serving.session_boost: must be a finite number >= 0".into());
+        }
+        if !(0..=19).contains(&self.nice) {
+            errs.push("serving.nice: must be between 0 and 19".into());
         }
         if self.threads == 0 {
             errs.push("serving.threads: must be at least 1".into());
