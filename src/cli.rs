@@ -149,6 +149,9 @@ pub struct GenerateArgs {
     /// Write JSON lines here instead of producing to Kafka.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// With --output: also write the interactions, as JSON lines, here.
+    #[arg(long, requires = "output")]
+    pub interactions_output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

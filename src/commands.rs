@@ -72,9 +72,18 @@ pub async fn generate(
         args.mean_gap_ms / args.interactions_per_txn.max(1e-9),
     );
     let mut sink = match &args.output {
-        Some(p) => Sink::File(BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        )),
+        Some(p) => {
+            let create = |p: &std::path::Path| {
+                std::fs::File::create(p)
+                    .map(BufWriter::new)
+                    .with_context(|| format!("creating {}", p.display()))
+            };
+            let inters = match &args.interactions_output {
+                Some(i) => Some(create(i)?),
+                None => None,
+            };
+            Sink::File(create(p)?, inters)
+        }
         None => Sink::Kafka(KafkaSink {
             producer: kafka::producer_config(&cfg.kafka).create()?,
             prefix: cfg.kafka.topic_prefix.clone(),
@@ -145,8 +154,9 @@ pub async fn generate(
 
 /// Where generated events go.
 enum Sink {
-    /// JSON lines of transactions (the training input).
-    File(BufWriter<std::fs::File>),
+    /// JSON lines of transactions (the training input), and optionally of
+    /// interactions.
+    File(BufWriter<std::fs::File>, Option<BufWriter<std::fs::File>>),
     Kafka(KafkaSink),
 }
 
@@ -164,8 +174,13 @@ impl Sink {
         payload: &[u8],
     ) -> anyhow::Result<()> {
         match self {
-            Sink::File(w) => {
-                if logical_topic == topics::TRANSACTIONS {
+            Sink::File(txns, inters) => {
+                let w = if logical_topic == topics::TRANSACTIONS {
+                    Some(txns)
+                } else {
+                    inters.as_mut()
+                };
+                if let Some(w) = w {
                     w.write_all(payload)?;
                     w.write_all(b"\n")?;
                 }
@@ -189,7 +204,12 @@ impl Sink {
 
     async fn finish(&mut self) -> anyhow::Result<()> {
         match self {
-            Sink::File(w) => w.flush()?,
+            Sink::File(w, inters) => {
+                w.flush()?;
+                if let Some(i) = inters {
+                    i.flush()?;
+                }
+            }
             Sink::Kafka(k) => {
                 while let Some(f) = k.inflight.pop_front() {
                     produce::acknowledged(f).await.context("producing")?;
