@@ -1,3 +1,4 @@
+mod broker_restart;
 mod cli;
 mod compose;
 mod fraud_path;

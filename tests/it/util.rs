@@ -27,8 +27,92 @@ pub fn service(var: &str) -> String {
     }
 }
 
+thread_local! {
+    /// A broker of this test's own (set by [`use_own_broker`]).
+    static OWN_BROKER: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The broker of this test: the shared one, or the test thread's own.
 pub fn brokers() -> String {
-    service("STREAMSCORE_TEST_BROKERS")
+    OWN_BROKER
+        .with(|b| b.borrow().clone())
+        .unwrap_or_else(|| service("STREAMSCORE_TEST_BROKERS"))
+}
+
+/// Makes every helper called from this thread (TestEnv, producers,
+/// readers) use `brokers` instead of the shared broker.
+pub fn use_own_broker(brokers: &str) {
+    OWN_BROKER.with(|b| *b.borrow_mut() = Some(brokers.to_string()));
+}
+
+/// A tansu broker of the test's own, on the durable sqlite engine, so it
+/// can be killed and restarted with its data.
+pub struct OwnBroker {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl OwnBroker {
+    pub fn start() -> OwnBroker {
+        let mut b = OwnBroker {
+            dir: tempfile::tempdir().expect("tempdir"),
+            port: free_port(),
+            child: None,
+        };
+        b.restart();
+        b
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker (again) on the same port and data.
+    pub fn restart(&mut self) {
+        let bin = service("STREAMSCORE_TEST_TANSU_BIN");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))
+            .expect("tansu log");
+        let child = Command::new(bin)
+            .current_dir(self.dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            // A path relative to the working directory: tansu 0.6 puts
+            // the working directory before absolute ones too.
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu (STREAMSCORE_TEST_TANSU_BIN)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for(Duration::from_secs(30), "the own broker to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    /// SIGKILL: no clean shutdown.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 pub fn redis_url() -> String {
