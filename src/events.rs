@@ -50,6 +50,12 @@ pub struct Interaction {
     pub event_time: i64,
 }
 
+/// Largest accepted amount (10^12 in any currency). Larger values are input
+/// errors, and they would overflow the windows' f32 sums of squares: one
+/// such event folded in made every later feature of its user infinite (found
+/// by the poison-flood test).
+pub const MAX_AMOUNT: f64 = 1e12;
+
 /// Why an input was rejected. A closed set: used as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -218,10 +224,13 @@ pub fn parse_transaction(
         ("country", &t.country),
         ("device_id", &t.device_id),
     ])?;
-    if !t.amount.is_finite() || t.amount < 0.0 {
+    if !t.amount.is_finite() || !(0.0..=MAX_AMOUNT).contains(&t.amount) {
         return Err(Rejection::new(
             Reason::InvalidAmount,
-            format!("amount {} must be a finite number >= 0", t.amount),
+            format!(
+                "amount {} must be a finite number between 0 and {MAX_AMOUNT:e}",
+                t.amount
+            ),
         ));
     }
     check_time(t.event_time, now_ms, limits)?;
@@ -298,6 +307,16 @@ mod tests {
         let mut v = good();
         v["amount"] = serde_json::json!(-1.0);
         assert_eq!(reason_of(&v), Reason::InvalidAmount);
+        let mut v = good();
+        v["amount"] = serde_json::json!(1e300);
+        assert_eq!(
+            reason_of(&v),
+            Reason::InvalidAmount,
+            "huge amounts are rejected"
+        );
+        let mut v = good();
+        v["amount"] = serde_json::json!(MAX_AMOUNT);
+        assert!(parse_transaction(v.to_string().as_bytes(), NOW, &LIMITS).is_ok());
         let mut v = good();
         v["user_id"] = serde_json::json!("  ");
         assert_eq!(reason_of(&v), Reason::EmptyField);

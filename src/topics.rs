@@ -33,6 +33,10 @@ pub struct TopicSpec {
     pub retention_ms: i64,
     /// `cleanup.policy`: `delete` or `compact`.
     pub cleanup_policy: String,
+    /// `max.message.bytes`, when the broker default (1 MB on Kafka) is not
+    /// enough (the dead-letter topic carries inputs base64-encoded).
+    #[serde(default)]
+    pub max_message_bytes: Option<i64>,
     pub description: String,
 }
 

@@ -104,6 +104,10 @@ fn default_producer_options() -> BTreeMap<String, String> {
         ("acks", "all"),
         ("enable.idempotence", "true"),
         ("compression.type", "none"),
+        // Dead letters carry their input base64-encoded: an input of up to
+        // 1 MB (a broker's default limit) needs 1.33 MB (topics/: the
+        // dead-letter topic allows 4 MiB).
+        ("message.max.bytes", "4194304"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -36,19 +36,27 @@ pub async fn apply(cfg: &Config, specs: &[TopicSpec]) -> anyhow::Result<Vec<Topi
         crate::kafka::base_config(&cfg.kafka).create()?;
     let timeout = Duration::from_secs(15);
     let retention: Vec<String> = specs.iter().map(|s| s.retention_ms.to_string()).collect();
+    let max_bytes: Vec<Option<String>> = specs
+        .iter()
+        .map(|s| s.max_message_bytes.map(|b| b.to_string()))
+        .collect();
     let names: Vec<String> = specs.iter().map(|s| cfg.topic(&s.name)).collect();
     let new_topics: Vec<NewTopic<'_>> = specs
         .iter()
         .zip(&names)
-        .zip(&retention)
-        .map(|((s, name), ret)| {
-            NewTopic::new(
+        .zip(retention.iter().zip(&max_bytes))
+        .map(|((s, name), (ret, max))| {
+            let t = NewTopic::new(
                 name,
                 s.partitions,
                 TopicReplication::Fixed(s.replication_factor),
             )
             .set("retention.ms", ret)
-            .set("cleanup.policy", &s.cleanup_policy)
+            .set("cleanup.policy", &s.cleanup_policy);
+            match max {
+                Some(m) => t.set("max.message.bytes", m),
+                None => t,
+            }
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(timeout));

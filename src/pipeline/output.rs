@@ -99,11 +99,15 @@ pub struct DeadLetter<'a> {
     pub key_base64: Option<String>,
     /// The original payload bytes, base64 (lossless).
     pub raw_base64: String,
-    /// The payload as text, when it is valid UTF-8 (for people reading the topic).
+    /// The payload as text, when it is valid UTF-8 and at most
+    /// [`RAW_TEXT_MAX`] bytes (for people reading the topic).
     pub raw_text: Option<&'a str>,
     /// When it was dead-lettered, epoch ms.
     pub failed_at: i64,
 }
+
+/// Largest input whose text is repeated in `raw_text`.
+pub const RAW_TEXT_MAX: usize = 64 * 1024;
 
 impl<'a> DeadLetter<'a> {
     pub fn new(
@@ -120,7 +124,12 @@ impl<'a> DeadLetter<'a> {
             source,
             key_base64: key.map(|k| b64.encode(k)),
             raw_base64: b64.encode(raw),
-            raw_text: std::str::from_utf8(raw).ok(),
+            // Readable text for people, only for small inputs: the bytes
+            // are in raw_base64 anyway, and the record must stay under the
+            // topic's size limit.
+            raw_text: (raw.len() <= RAW_TEXT_MAX)
+                .then(|| std::str::from_utf8(raw).ok())
+                .flatten(),
             failed_at,
         }
     }

@@ -1,6 +1,7 @@
 mod broker_restart;
 mod cli;
 mod compose;
+mod flood;
 mod fraud_path;
 mod prometheus;
 mod rebalance;
