@@ -1,6 +1,8 @@
-//! Reads the whole interactions log through the rebuild's own replay path
-//! without building anything: the "just read the events" baseline of
-//! scripts/bench_rebuild.sh. Usage: bench_read CONFIG
+//! Reads a whole topic (default `interactions`) through the rebuild's own
+//! replay path without building anything: the "just read the events"
+//! baseline of scripts/bench_rebuild.sh and scripts/bench_warmup.sh.
+//! Usage: bench_read CONFIG [TOPIC]. Messages that are not interactions
+//! (e.g. of `transactions`) are read and counted as skipped.
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
@@ -16,9 +18,12 @@ fn main() -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let mut n = 0u64;
+    let topic = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| streamscore::topics::INTERACTIONS.to_string());
     let stats = streamscore::recs::replay::read_all(
         &cfg.kafka,
-        &cfg.topic(streamscore::topics::INTERACTIONS),
+        &cfg.topic(&topic),
         &limits,
         &AtomicBool::new(false),
         |_| n += 1,
@@ -26,9 +31,9 @@ fn main() -> anyhow::Result<()> {
     )?;
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "read only: {} events in {secs:.2} s ({:.0} events/s)",
-        stats.events,
-        stats.events as f64 / secs
+        "read only: {} messages in {secs:.2} s ({:.0} messages/s)",
+        stats.events + stats.skipped_invalid,
+        (stats.events + stats.skipped_invalid) as f64 / secs
     );
     Ok(())
 }

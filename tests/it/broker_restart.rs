@@ -59,7 +59,23 @@ fn broker_killed_and_restarted_the_processor_reconnects_and_loses_nothing() {
     broker.restart();
 
     generate(&env, "18");
-    wait_scored(&env.metrics_url(), 2.0 * N as f64, "the second half scored");
+    let url = env.metrics_url();
+    let scored = || {
+        scrape(&url)
+            .and_then(|t| metric(&t, "streamscore_events_scored_total"))
+            .unwrap_or(0.0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while scored() < 2.0 * N as f64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second half not scored within 300 s ({} scored); run log:\n{}\nbroker log:\n{}",
+            scored(),
+            run.log_text(),
+            std::fs::read_to_string(broker.dir.path().join("tansu.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let scores = read_topic(
         &env.topic("fraud-scores"),
         Duration::from_secs(120),
