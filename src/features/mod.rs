@@ -236,6 +236,18 @@ fn mean(c: window::CountSum) -> f32 {
     }
 }
 
+/// A key's window values evaluated at `as_of` (the feature views of the
+/// serving API).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WindowView {
+    /// The event time the windows end at.
+    pub as_of: i64,
+    /// The key's newest event time.
+    pub last_event_time: i64,
+    /// Values in [`FEATURE_NAMES`] order.
+    pub features: Features,
+}
+
 /// Sizes of the window stores, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -373,36 +385,35 @@ impl FeatureEngine {
 
     /// A user's current window values as of `at` (default: the newest
     /// event time folded in), computed by the same code as a score's
-    /// features: `(as_of, features)`; the event-specific entries (amount,
-    /// z-score, new device/country) are meaningless here. None: unknown user.
-    pub fn user_view(&self, user_id: &str, at: Option<i64>) -> Option<(i64, Features)> {
+    /// features; the event-specific
+    /// entries (amount, z-score, new device/country) are meaningless here.
+    /// None: unknown user.
+    pub fn user_view(&self, user_id: &str, at: Option<i64>) -> Option<WindowView> {
         let u = self.users.get(user_id)?;
         let as_of = at.unwrap_or_else(|| self.max_event_time().unwrap_or(u.last_event_time));
         let probe = Self::probe(user_id, "", as_of);
         let mut out = [0f32; N_FEATURES];
         self.user_features(Some(&*u), &probe, &mut out);
-        Some((as_of, Features(out)))
+        Some(WindowView {
+            as_of,
+            last_event_time: u.last_event_time,
+            features: Features(out),
+        })
     }
 
     /// A merchant's current window values as of `at` (see
     /// [`FeatureEngine::user_view`]). None: unknown merchant.
-    pub fn merchant_view(&self, merchant_id: &str, at: Option<i64>) -> Option<(i64, Features)> {
+    pub fn merchant_view(&self, merchant_id: &str, at: Option<i64>) -> Option<WindowView> {
         let m = self.merchants.get(merchant_id)?;
         let as_of = at.unwrap_or_else(|| self.max_event_time().unwrap_or(m.last_event_time));
         let probe = Self::probe("", merchant_id, as_of);
         let mut out = [0f32; N_FEATURES];
         self.merchant_features(Some(&*m), &probe, &mut out);
-        Some((as_of, Features(out)))
-    }
-
-    /// The last event time of a user, if held.
-    pub fn user_last_event_time(&self, user_id: &str) -> Option<i64> {
-        self.users.get(user_id).map(|u| u.last_event_time)
-    }
-
-    /// The last event time of a merchant, if held.
-    pub fn merchant_last_event_time(&self, merchant_id: &str) -> Option<i64> {
-        self.merchants.get(merchant_id).map(|m| m.last_event_time)
+        Some(WindowView {
+            as_of,
+            last_event_time: m.last_event_time,
+            features: Features(out),
+        })
     }
 
     fn probe(user_id: &str, merchant_id: &str, at: i64) -> Transaction {

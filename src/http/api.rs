@@ -28,7 +28,7 @@ use tokio::sync::OnceCell;
 
 use crate::config::Config;
 use crate::events::{parse_transaction, InteractionKind, Limits, Reason};
-use crate::features::{FeatureEngine, Features};
+use crate::features::{FeatureEngine, Features, WindowView};
 use crate::metrics::Metrics;
 use crate::model::FraudModel;
 use crate::pipeline::output::Decision;
@@ -409,24 +409,48 @@ const MERCHANT_FIELDS: [(&str, usize); 5] = [
     ("distinct_users_1h", 19),
 ];
 
-fn view_json(
-    id_name: &str,
+/// One window view: which store, its id field, its named values.
+struct View {
+    what: &'static str,
+    id_field: &'static str,
+    fields: &'static [(&'static str, usize)],
+    read: fn(&FeatureEngine, &str, Option<i64>) -> Option<WindowView>,
+}
+
+const USER_VIEW: View = View {
+    what: "user",
+    id_field: "user_id",
+    fields: &USER_FIELDS,
+    read: FeatureEngine::user_view,
+};
+
+const MERCHANT_VIEW: View = View {
+    what: "merchant",
+    id_field: "merchant_id",
+    fields: &MERCHANT_FIELDS,
+    read: FeatureEngine::merchant_view,
+};
+
+fn feature_view(
+    api: &Api,
+    v: &View,
     id: &str,
-    as_of: i64,
-    last: Option<i64>,
-    f: &Features,
-    fields: &[(&str, usize)],
-) -> serde_json::Value {
-    let mut m = serde_json::Map::new();
-    m.insert(id_name.into(), json!(id));
-    m.insert("as_of".into(), json!(as_of));
-    m.insert("last_event_time".into(), json!(last));
+    q: &HashMap<String, String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_id(&format!("{} id", v.what), id)?;
+    let at = int_param(q, "at")?;
+    let view = (v.read)(&api.engine, id, at)
+        .ok_or_else(|| ApiError::not_found(format!("no window state for {} {id:?}", v.what)))?;
     let mut values = serde_json::Map::new();
-    for (name, i) in fields {
-        values.insert((*name).into(), json!(f.0[*i]));
+    for (name, i) in v.fields {
+        values.insert((*name).into(), json!(view.features.0[*i]));
     }
+    let mut m = serde_json::Map::new();
+    m.insert(v.id_field.into(), json!(id));
+    m.insert("as_of".into(), json!(view.as_of));
+    m.insert("last_event_time".into(), json!(view.last_event_time));
     m.insert("features".into(), serde_json::Value::Object(values));
-    serde_json::Value::Object(m)
+    Ok(Json(serde_json::Value::Object(m)))
 }
 
 pub async fn user_features(
@@ -434,21 +458,7 @@ pub async fn user_features(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_id("user id", &id)?;
-    let at = int_param(&q, "at")?;
-    let (as_of, f) = api
-        .engine
-        .user_view(&id, at)
-        .ok_or_else(|| ApiError::not_found(format!("no window state for user {id:?}")))?;
-    let last = api.engine.user_last_event_time(&id);
-    Ok(Json(view_json(
-        "user_id",
-        &id,
-        as_of,
-        last,
-        &f,
-        &USER_FIELDS,
-    )))
+    feature_view(&api, &USER_VIEW, &id, &q)
 }
 
 pub async fn merchant_features(
@@ -456,19 +466,5 @@ pub async fn merchant_features(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_id("merchant id", &id)?;
-    let at = int_param(&q, "at")?;
-    let (as_of, f) = api
-        .engine
-        .merchant_view(&id, at)
-        .ok_or_else(|| ApiError::not_found(format!("no window state for merchant {id:?}")))?;
-    let last = api.engine.merchant_last_event_time(&id);
-    Ok(Json(view_json(
-        "merchant_id",
-        &id,
-        as_of,
-        last,
-        &f,
-        &MERCHANT_FIELDS,
-    )))
+    feature_view(&api, &MERCHANT_VIEW, &id, &q)
 }

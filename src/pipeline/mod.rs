@@ -20,16 +20,19 @@
 
 mod ack;
 mod context;
+mod followers;
 pub mod output;
 pub mod redis_writer;
 mod resume;
+mod state;
 pub mod warmup;
 
 use ack::{ack_loop, OutRecord, PendingBatch};
 pub use context::PipelineContext;
+pub use state::{Health, Shared};
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,45 +46,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::events::{self, Limits, Reason, Rejection, Transaction};
-use crate::features::{FeatureEngine, Features, Lateness, WindowSpec};
+use crate::features::{FeatureEngine, Features, Lateness};
 use crate::kafka::{self, produce};
 use crate::metrics::Metrics;
 use crate::model::FraudModel;
 use crate::sinks::redis::RedisSink;
 use crate::topics;
 use output::{DeadLetter, Decision, FraudScore, SourcePosition};
-
-/// Shared liveness/readiness flags, read by `/healthz` and `/readyz`.
-#[derive(Debug, Default)]
-pub struct Health {
-    /// Subscribed and processing.
-    pub running: AtomicBool,
-    /// Rebuilding a partition's windows from the log.
-    pub warming: AtomicBool,
-    /// Rebuilding a partition's sessions from the log.
-    pub sessions_warming: Arc<AtomicBool>,
-}
-
-/// The state `run` keeps and the `/v1` API reads: window stores, the
-/// model, the live sessions.
-#[derive(Clone)]
-pub struct Shared {
-    pub engine: Arc<FeatureEngine>,
-    pub model: Arc<FraudModel>,
-    pub sessions: Arc<crate::sessions::SessionStore>,
-}
-
-impl Shared {
-    /// Loads the model (checking its signature) and creates empty stores.
-    pub fn load(cfg: &Config) -> anyhow::Result<Shared> {
-        let model = FraudModel::load(&cfg.model.path, &cfg.model.signature)?;
-        Ok(Shared {
-            engine: Arc::new(FeatureEngine::new(WindowSpec::from(&cfg.windows))),
-            model: Arc::new(model),
-            sessions: Arc::new(crate::sessions::SessionStore::new(&cfg.sessions)),
-        })
-    }
-}
 
 pub(crate) type Consumer_ = StreamConsumer<PipelineContext>;
 
@@ -404,51 +375,27 @@ pub async fn run(
         in_topic.clone(),
         in_flight.clone(),
     ));
-    // Redis follows the output topic on its own; it stops with the pipeline.
-    // A writer that fails for good (not Redis being down: that is retried)
-    // stops the pipeline, which then exits non-zero.
-    let writer_stop = CancellationToken::new();
-    let writer = {
-        let (cfg, metrics, stop, shutdown) = (
+    // Redis follows the output topic on its own, and the live sessions
+    // follow `interactions` (own groups); both stop with the pipeline. One
+    // that fails for good (not Redis being down: that is retried) stops
+    // the pipeline, which then exits non-zero.
+    let followers_stop = CancellationToken::new();
+    let writer = followers::spawn(
+        "the Redis writer",
+        shutdown.clone(),
+        redis_writer::run(cfg.clone(), metrics.clone(), followers_stop.clone()),
+    );
+    let sessions_task = followers::spawn(
+        "the session follower",
+        shutdown.clone(),
+        crate::sessions::follow::run(
             cfg.clone(),
+            sessions,
             metrics.clone(),
-            writer_stop.clone(),
-            shutdown.clone(),
-        );
-        tokio::spawn(async move {
-            let r = redis_writer::run(cfg, metrics, stop).await;
-            if let Err(e) = &r {
-                tracing::error!(
-                    error = format!("{e:#}"),
-                    "the Redis writer failed; stopping"
-                );
-                shutdown.cancel();
-            }
-            r
-        })
-    };
-    // The live sessions follow `interactions` (own group); like the Redis
-    // writer, a follower that fails for good stops the pipeline.
-    let sessions_task = {
-        let (cfg, metrics, stop, shutdown, warming) = (
-            cfg.clone(),
-            metrics.clone(),
-            writer_stop.clone(),
-            shutdown.clone(),
             health.sessions_warming.clone(),
-        );
-        tokio::spawn(async move {
-            let r = crate::sessions::follow::run(cfg, sessions, metrics, warming, stop).await;
-            if let Err(e) = &r {
-                tracing::error!(
-                    error = format!("{e:#}"),
-                    "the session follower failed; stopping"
-                );
-                shutdown.cancel();
-            }
-            r
-        })
-    };
+            followers_stop.clone(),
+        ),
+    );
     // The periodic recommendation rebuild (recs.rebuild_interval).
     let recs = tokio::spawn(crate::recs::periodic::run(
         cfg.clone(),
@@ -504,19 +451,9 @@ pub async fn run(
     }
     let _ = tokio::time::timeout(Duration::from_secs(10), recs).await;
     // The writer commits what it cached; the rest is cached on restart.
-    writer_stop.cancel();
-    match tokio::time::timeout(Duration::from_secs(10), writer).await {
-        Ok(Ok(Err(e))) => return Err(e.context("the Redis writer")),
-        Ok(Err(e)) => anyhow::bail!("Redis writer task failed: {e}"),
-        Err(_) => tracing::warn!("Redis writer did not stop within 10 s"),
-        Ok(Ok(Ok(()))) => {}
-    }
-    match tokio::time::timeout(Duration::from_secs(10), sessions_task).await {
-        Ok(Ok(Err(e))) => return Err(e.context("the session follower")),
-        Ok(Err(e)) => anyhow::bail!("session follower task failed: {e}"),
-        Err(_) => tracing::warn!("session follower did not stop within 10 s"),
-        Ok(Ok(Ok(()))) => {}
-    }
+    followers_stop.cancel();
+    followers::join("the Redis writer", writer).await?;
+    followers::join("the session follower", sessions_task).await?;
     result?;
     if !drained {
         anyhow::bail!(

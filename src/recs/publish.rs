@@ -90,19 +90,7 @@ async fn redis_conn(cfg: &Config) -> anyhow::Result<redis::aio::MultiplexedConne
 
 /// The generation Redis holds now, if any.
 pub async fn current_meta(cfg: &Config) -> anyhow::Result<Option<Meta>> {
-    read_meta(&mut redis_conn(cfg).await?, &cfg.redis.key_prefix).await
-}
-
-async fn read_meta(
-    con: &mut redis::aio::MultiplexedConnection,
-    prefix: &str,
-) -> anyhow::Result<Option<Meta>> {
-    let raw: Option<String> = redis::cmd("GET")
-        .arg(recs_meta_key(prefix))
-        .query_async(con)
-        .await
-        .context("reading recs:meta")?;
-    Ok(raw.and_then(|r| serde_json::from_str(&r).ok()))
+    super::store::read_meta(&mut redis_conn(cfg).await?, &cfg.redis.key_prefix).await
 }
 
 /// Writes one generation's values into a pipeline: field `generation` of
@@ -146,7 +134,7 @@ pub async fn publish(
 ) -> anyhow::Result<Meta> {
     let prefix = &cfg.redis.key_prefix;
     let mut con = redis_conn(cfg).await?;
-    let generation = read_meta(&mut con, prefix)
+    let generation = super::store::read_meta(&mut con, prefix)
         .await?
         .map_or(1, |m| m.generation + 1);
     let topic = cfg.topic(topics::RECOMMENDATIONS);
