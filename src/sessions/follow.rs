@@ -15,51 +15,24 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use super::SessionStore;
 use crate::config::Config;
-use crate::events::{parse_interaction, Interaction, Limits};
-use crate::kafka::{self, partitions_of, produce};
+use crate::events::{parse_interaction, Limits};
+use crate::kafka::follow::{committed_offset, AssignContext};
+use crate::kafka::replay::{self, Start};
+use crate::kafka::{self, produce};
 use crate::metrics::Metrics;
 use crate::pipeline::output::{DeadLetter, SourcePosition};
 use crate::topics;
-
-/// Hands assigned and revoked partitions to the loop (and wakes it: the
-/// callbacks run inside `recv`, which returns only with a message).
-#[derive(Default)]
-struct FollowContext {
-    revoked: Mutex<Vec<i32>>,
-    assigned: Mutex<Vec<i32>>,
-    pending: AtomicBool,
-    wake: tokio::sync::Notify,
-}
-
-impl ClientContext for FollowContext {}
-
-impl ConsumerContext for FollowContext {
-    fn post_rebalance(&self, rebalance: &Rebalance<'_>) {
-        let (list, ps) = match rebalance {
-            Rebalance::Revoke(tpl) => (&self.revoked, partitions_of(tpl)),
-            Rebalance::Assign(tpl) => (&self.assigned, partitions_of(tpl)),
-            Rebalance::Error(_) => return,
-        };
-        tracing::info!(partitions = ?ps, assign = matches!(rebalance, Rebalance::Assign(_)), "sessions: rebalance");
-        if let Ok(mut r) = list.lock() {
-            r.extend(ps);
-            self.pending.store(true, Ordering::Release);
-        }
-        self.wake.notify_one();
-    }
-}
 
 /// The consumer group of the follower.
 pub fn group(cfg: &Config) -> String {
@@ -82,12 +55,12 @@ pub async fn run(
     let dead_topic = cfg.topic(topics::DEAD_LETTER);
     let mut kcfg = cfg.kafka.clone();
     kcfg.instance_id = kcfg.instance_id.map(|id| format!("{id}.sessions"));
-    let consumer: StreamConsumer<FollowContext> = kafka::consumer_config(
+    let consumer: StreamConsumer<AssignContext> = kafka::consumer_config(
         &kcfg,
         &group(&cfg),
         cfg.processing.commit_interval.as_millis() as u64,
     )
-    .create_with_context(FollowContext::default())
+    .create_with_context(AssignContext::new("sessions"))
     .context("creating the session consumer")?;
     let producer: FutureProducer = kafka::producer_config(&cfg.kafka)
         .create()
@@ -143,13 +116,7 @@ pub async fn run(
         }
     };
     loop {
-        if consumer.context().pending.swap(false, Ordering::Acquire) {
-            let take = |m: &Mutex<Vec<i32>>| {
-                m.lock()
-                    .map(|mut r| std::mem::take(&mut *r))
-                    .unwrap_or_default()
-            };
-            let revoked = take(&consumer.context().revoked);
+        if let Some((revoked, assigned)) = consumer.context().take() {
             for p in &revoked {
                 warmed.remove(p);
             }
@@ -157,13 +124,13 @@ pub async fn run(
             // Newly assigned: rebuild their sessions up to the committed
             // offset now, not at their next message (a quiet partition's
             // sessions must be served too).
-            for p in take(&consumer.context().assigned) {
+            for p in assigned {
                 if warmed.contains_key(&p) {
                     continue;
                 }
                 let committed = committed_offset(&consumer, &topic, p);
                 if let Some(c) = committed.filter(|c| *c > 0) {
-                    warm(p, Start::GapBefore, c).await;
+                    warm(p, Start::HorizonBefore, c).await;
                     warmed.insert(p, c);
                 }
             }
@@ -192,7 +159,7 @@ pub async fn run(
         let parsed = parse_interaction(payload, crate::now_ms(), &limits);
         match warmed.get(&partition).copied() {
             // Never warmed (no committed offset): the gap before this message.
-            None => warm(partition, Start::GapBefore, m.offset()).await,
+            None => warm(partition, Start::HorizonBefore, m.offset()).await,
             // A broker that resumes past the committed offset (tansu 0.6
             // skips the rest of a record batch): fold what it skipped.
             Some(next) if m.offset() > next => {
@@ -268,29 +235,9 @@ fn report(store: &SessionStore, metrics: &Metrics) {
         .set(store.len() as i64);
 }
 
-/// Where a session replay starts.
-#[derive(Debug, Clone, Copy)]
-pub enum Start {
-    /// The idle gap before the last message before `until`: the offset for
-    /// (its event time − gap), checked like the fraud path's warm-up.
-    GapBefore,
-    /// Exactly this offset, everything folded.
-    Offset(i64),
-}
-
-/// The committed offset of `partition` for the follower's group, if any.
-fn committed_offset(c: &StreamConsumer<FollowContext>, topic: &str, partition: i32) -> Option<i64> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, partition);
-    let got = c.committed_offsets(tpl, Duration::from_secs(10)).ok()?;
-    match got.find_partition(topic, partition)?.offset() {
-        Offset::Offset(o) => Some(o),
-        _ => None,
-    }
-}
-
-/// Replays `partition` from `start` up to `until` (exclusive) into `store`;
-/// returns the interactions folded. Blocking.
+/// Replays `partition` from `start` up to `until` (exclusive) into `store`
+/// (the idle gap before `until` for [`Start::HorizonBefore`]); returns the
+/// interactions folded. Blocking.
 pub fn replay(
     kafka_cfg: &crate::config::KafkaConfig,
     topic: &str,
@@ -300,101 +247,21 @@ pub fn replay(
     limits: &Limits,
     store: &SessionStore,
 ) -> anyhow::Result<u64> {
-    if until <= 0 {
-        return Ok(0);
-    }
-    let c: BaseConsumer = kafka::reader_config(
-        kafka_cfg,
-        &format!("streamscore-sessions-warmup-{}", std::process::id()),
-    )
-    .create()
-    .context("creating the session warm-up consumer")?;
-    let (low, _) = c
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .with_context(|| format!("watermarks of {topic}/{partition}"))?;
-    let assign = |from: i64| -> anyhow::Result<()> {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
-        c.assign(&tpl)
-            .context("assigning the session warm-up partition")
+    let parse = |b: &[u8]| {
+        parse_interaction(b, 0, limits)
+            .ok()
+            .map(|i| (i.event_time, i))
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    // Reads [from, until) in order (skipping redelivered batches), calling
-    // `f` with each valid interaction; `f` returns false to stop.
-    let read = |from: i64, f: &mut dyn FnMut(i64, Interaction) -> bool| -> anyhow::Result<()> {
-        assign(from)?;
-        let mut offset = from;
-        while offset < until {
-            if std::time::Instant::now() > deadline {
-                anyhow::bail!(
-                    "session warm-up of {topic}/{partition} did not reach offset {until} within 300 s"
-                );
-            }
-            let Some(m) = c.poll(Duration::from_millis(100)) else {
-                continue;
-            };
-            let m = m.with_context(|| format!("session warm-up read of {topic}/{partition}"))?;
-            if m.offset() < offset {
-                continue;
-            }
-            offset = m.offset() + 1;
-            if m.offset() >= until {
-                break;
-            }
-            if let Ok(i) = parse_interaction(m.payload().unwrap_or_default(), 0, limits) {
-                if !f(m.offset(), i) {
-                    break;
-                }
-            }
-        }
-        Ok(())
+    let r = replay::Replay {
+        kafka: kafka_cfg,
+        what: "sessions",
+        topic,
+        partition,
+        start,
+        until,
+        horizon_ms: store.gap_ms(),
+        deadline: Duration::from_secs(300),
+        parse: &parse,
     };
-    let mut folded = 0;
-    let (from, from_time) = match start {
-        Start::Offset(o) => (o.max(low), i64::MIN),
-        Start::GapBefore => {
-            // The event time of the newest valid message before `until`
-            // (read from a little earlier: tansu 0.6 answers a fetch from
-            // inside a record batch with the next batch).
-            let mut newest = None;
-            read((until - 1_000).max(low), &mut |_, i| {
-                newest = Some(newest.map_or(i.event_time, |t: i64| t.max(i.event_time)));
-                true
-            })?;
-            let Some(t) = newest else {
-                return Ok(0);
-            };
-            let from_time = t - store.gap_ms();
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(topic, partition, Offset::Offset(from_time.max(0)))?;
-            let start = match c.offsets_for_times(tpl, Duration::from_secs(10)) {
-                Ok(res) => match res.find_partition(topic, partition).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) if o >= low && o < until => o,
-                    Some(Offset::Offset(o)) if o >= until => until,
-                    _ => low,
-                },
-                Err(_) => low,
-            };
-            // The message before the answer must lie before the gap, or the
-            // answer skipped part of it: then start from the beginning.
-            let mut trusted = start <= low;
-            if !trusted {
-                let mut first = None;
-                read(start - 1, &mut |_, i| {
-                    first = Some(i.event_time);
-                    false
-                })?;
-                trusted = first.is_some_and(|t| t < from_time);
-            }
-            (if trusted { start } else { low }, from_time)
-        }
-    };
-    read(from, &mut |_, i| {
-        if i.event_time >= from_time {
-            store.add(partition, &i);
-            folded += 1;
-        }
-        true
-    })?;
-    Ok(folded)
+    replay::replay(&r, &mut |_, i| store.add(partition, &i))
 }
