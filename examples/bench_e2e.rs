@@ -13,7 +13,7 @@
 //! Usage: bench_e2e BROKERS REDIS_URL STREAMSCORE_BIN [COUNT] [RATE] [SECONDS]
 
 use std::collections::VecDeque;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +25,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+mod common;
+use common::{free_port, pct, scrape, stop_child, Res};
 
 fn consumer(brokers: &str, group: &str, reset: &str) -> Res<StreamConsumer> {
     Ok(ClientConfig::new()
@@ -119,21 +120,6 @@ async fn probe(
     Ok(())
 }
 
-fn scrape(port: u16, name: &str) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    buf.lines()
-        .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 fn write_config(
     dir: &std::path::Path,
     brokers: &str,
@@ -159,26 +145,6 @@ fn ss(bin: &str, cfg: &std::path::Path, args: &[&str]) -> Command {
     let mut c = Command::new(bin);
     c.arg("--config").arg(cfg).args(args);
     c
-}
-
-fn free_port() -> Res<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn pct(v: &mut [i64], q: f64) -> i64 {
-    v.sort_unstable();
-    v.get(((v.len() as f64 - 1.0) * q).round() as usize)
-        .copied()
-        .unwrap_or(-1)
-}
-
-fn stop_child(mut c: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &c.id().to_string()])
-        .status();
-    let _ = c.wait();
 }
 
 #[tokio::main]

@@ -38,6 +38,7 @@ pub mod features;
 pub mod generate;
 pub mod http;
 pub mod kafka;
+pub mod merchants;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

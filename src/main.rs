@@ -65,6 +65,7 @@ async fn real_main(cli: Cli, cfg: Config) -> anyhow::Result<i32> {
                 shared.engine.clone(),
                 shared.model.clone(),
                 shared.sessions.clone(),
+                shared.table.clone(),
                 metrics.clone(),
             ));
             let server = http::serve(

@@ -52,6 +52,13 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_request_duration: prometheus::HistogramVec,
     pub recs_served: IntCounterVec,
+    pub merchant_features_age: Histogram,
+    pub merchant_features_missing: IntCounter,
+    pub merchant_table_rows: IntGauge,
+    pub merchant_table_propagation: Histogram,
+    pub merchant_rows_published: IntCounter,
+    pub merchant_forwarded_duplicates: IntCounter,
+    pub merchant_warmup_events: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -166,7 +173,7 @@ impl Metrics {
                 &r,
                 "streamscore_processing_latency_seconds",
                 "From a batch being taken from Kafka to its outputs being acknowledged.",
-                latency,
+                latency.clone(),
             ),
             batch_size: histogram(
                 &r,
@@ -307,6 +314,43 @@ impl Metrics {
                 &r,
                 "streamscore_redelivered_skipped_total",
                 "Messages delivered again at an offset already taken in this assignment; skipped.",
+            ),
+            merchant_features_age: histogram(
+                &r,
+                "streamscore_merchant_features_age_seconds",
+                "At score time: how long ago the merchant-features row used was published (wall clock).",
+                latency.clone(),
+            ),
+            merchant_features_missing: counter(
+                &r,
+                "streamscore_merchant_features_missing_total",
+                "Events scored with no merchant-features row for their merchant (merchant features 0).",
+            ),
+            merchant_table_rows: int_gauge(
+                &r,
+                "streamscore_merchant_table_rows",
+                "Merchants in this instance's replicated merchant-features table.",
+            ),
+            merchant_table_propagation: histogram(
+                &r,
+                "streamscore_merchant_table_propagation_seconds",
+                "From the stream forwarding a merchant's newest event to this instance's table holding it (the repartition round trip).",
+                latency.clone(),
+            ),
+            merchant_rows_published: counter(
+                &r,
+                "streamscore_merchant_rows_published_total",
+                "Rows (and tombstones) the merchant stage published to merchant-features.",
+            ),
+            merchant_forwarded_duplicates: counter(
+                &r,
+                "streamscore_merchant_forwarded_duplicates_total",
+                "Repartition records forwarded again by a restarted stream; dropped by the merchant stage.",
+            ),
+            merchant_warmup_events: counter(
+                &r,
+                "streamscore_merchant_warmup_replayed_events_total",
+                "Repartition records replayed to rebuild the merchant stage's windows.",
             ),
             registry: r,
         };

@@ -16,6 +16,11 @@ pub const FRAUD_SCORES: &str = "fraud-scores";
 pub const RECOMMENDATIONS: &str = "recommendations";
 /// Logical name of the dead-letter topic.
 pub const DEAD_LETTER: &str = "dead-letter";
+/// Logical name of the internal topic the stream re-keys accepted
+/// transactions onto by merchant (the merchant stage's input).
+pub const MERCHANT_REPARTITION: &str = "merchant-repartition";
+/// Logical name of the compacted merchant-feature table (changelog).
+pub const MERCHANT_FEATURES: &str = "merchant-features";
 
 /// The shipped definitions.
 pub const BUILTIN: &str = include_str!("../topics/topics.toml");
@@ -82,6 +87,8 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<TopicSpec>> {
         FRAUD_SCORES,
         RECOMMENDATIONS,
         DEAD_LETTER,
+        MERCHANT_REPARTITION,
+        MERCHANT_FEATURES,
     ] {
         if !file.topic.iter().any(|t| t.name == required) {
             errs.push(format!("topic {required}: missing from the definitions"));
@@ -119,6 +126,15 @@ mod tests {
         }
         let recs = topics.iter().find(|t| t.name == RECOMMENDATIONS).unwrap();
         assert_eq!(recs.cleanup_policy, "compact");
+        let table = topics.iter().find(|t| t.name == MERCHANT_FEATURES).unwrap();
+        assert_eq!(table.cleanup_policy, "compact");
+        // The merchant stage's warm-up replays the window horizon (25 h 5 m)
+        // of the repartition topic.
+        let rep = topics
+            .iter()
+            .find(|t| t.name == MERCHANT_REPARTITION)
+            .unwrap();
+        assert!(rep.retention_ms >= 2 * 86_400_000, "{}", rep.retention_ms);
     }
 
     #[test]

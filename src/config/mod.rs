@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 mod recs;
 mod serving;
 pub use recs::RecsConfig;
-pub use serving::{ServingConfig, SessionsConfig};
+pub use serving::{MerchantsConfig, ServingConfig, SessionsConfig};
 
 /// Prefix of environment overrides; `__` separates nesting levels.
 pub const ENV_PREFIX: &str = "STREAMSCORE__";
@@ -42,6 +42,7 @@ pub struct Config {
     pub recs: RecsConfig,
     pub sessions: SessionsConfig,
     pub serving: ServingConfig,
+    pub merchants: MerchantsConfig,
 }
 
 /// Broker connection, group, topic naming and librdkafka pass-through.
@@ -363,6 +364,7 @@ impl Config {
         self.recs.validate(&mut errs);
         self.sessions.validate(&mut errs);
         self.serving.validate(&mut errs);
+        self.merchants.validate(&mut errs);
         if self.kafka.brokers.trim().is_empty() {
             errs.push("kafka.brokers: must not be empty".into());
         }

@@ -107,3 +107,34 @@ impl ServingConfig {
         }
     }
 }
+
+/// The merchant stage and the replicated merchant-feature table
+/// (docs/ARCHITECTURE.md, "Scale-out").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MerchantsConfig {
+    /// A merchant's features are published to `merchant-features` at most
+    /// once per this interval (wall clock); changes in between are merged.
+    #[serde(with = "humantime_serde")]
+    pub publish_interval: Duration,
+    /// Consumer group of the merchant stage (the reader of the repartition
+    /// topic); default `{kafka.group_id}.merchants`.
+    pub group: Option<String>,
+}
+
+impl Default for MerchantsConfig {
+    fn default() -> Self {
+        MerchantsConfig {
+            publish_interval: Duration::from_millis(500),
+            group: None,
+        }
+    }
+}
+
+impl MerchantsConfig {
+    pub(super) fn validate(&self, errs: &mut Vec<String>) {
+        if self.publish_interval < Duration::from_millis(10) {
+            errs.push("merchants.publish_interval: must be at least 10ms".into());
+        }
+    }
+}

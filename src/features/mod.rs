@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use serde::ser::SerializeMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::WindowConfig;
 use crate::events::Transaction;
@@ -213,8 +213,28 @@ pub struct MerchantState {
     last_event_time: i64,
 }
 
+/// A merchant's window state as a `merchant-features` record carries it
+/// (schemas/merchant-features.json): the live buckets of each window, so a
+/// reader evaluates the windows at its own event's time exactly as the
+/// owner of the merchant would.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MerchantSnapshot {
+    pub hour_bucket_ms: i64,
+    pub day_bucket_ms: i64,
+    /// Newest event time folded in, epoch ms.
+    pub last_event_time: i64,
+    /// `(bucket, count, sum)` of the 1 h window.
+    pub hour: Vec<(i64, u32, f32)>,
+    /// `(bucket, count, sum)` of the 24 h window.
+    pub day: Vec<(i64, u32, f32)>,
+    /// `(bucket, bitmap)` of the 1 h distinct-users window.
+    pub users_hour: Vec<(i64, [u64; window::DISTINCT_WORDS])>,
+}
+
 impl MerchantState {
-    fn new(spec: &WindowSpec) -> Self {
+    /// An empty state for windows of `spec`.
+    pub fn new(spec: &WindowSpec) -> Self {
         MerchantState {
             hour: SumWindow::new(spec.hour_n()),
             day: SumWindow::new(spec.day_n()),
@@ -223,8 +243,67 @@ impl MerchantState {
         }
     }
 
-    fn heap_bytes(&self) -> usize {
+    /// Approximate heap bytes held.
+    pub fn heap_bytes(&self) -> usize {
         self.hour.heap_bytes() + self.day.heap_bytes() + self.users_hour.heap_bytes()
+    }
+
+    /// Newest event time folded in (`i64::MIN`: none).
+    pub fn last_event_time(&self) -> i64 {
+        self.last_event_time
+    }
+
+    /// Folds one transaction (its time, amount and user) in.
+    pub fn fold(&mut self, spec: &WindowSpec, event_time: i64, amount: f64, user_id: &str) {
+        let (ts, amount) = (event_time, amount as f32);
+        self.hour.add(ts.div_euclid(spec.hour_bucket_ms), amount);
+        self.day.add(ts.div_euclid(spec.day_bucket_ms), amount);
+        self.users_hour
+            .add(ts.div_euclid(spec.hour_bucket_ms), stable_hash(user_id));
+        self.last_event_time = self.last_event_time.max(ts);
+    }
+
+    /// The five merchant features as of `event_time`, into `out[15..20]`.
+    pub fn features_at(&self, spec: &WindowSpec, event_time: i64, out: &mut [f32; N_FEATURES]) {
+        let hb = event_time.div_euclid(spec.hour_bucket_ms);
+        let h = self.hour.query(hb);
+        let d = self.day.query(event_time.div_euclid(spec.day_bucket_ms));
+        out[15] = h.count as f32;
+        out[16] = mean(h);
+        out[17] = d.count as f32;
+        out[18] = mean(d);
+        out[19] = self.users_hour.query(hb) as f32;
+    }
+
+    pub fn snapshot(&self, spec: &WindowSpec) -> MerchantSnapshot {
+        MerchantSnapshot {
+            hour_bucket_ms: spec.hour_bucket_ms,
+            day_bucket_ms: spec.day_bucket_ms,
+            last_event_time: self.last_event_time,
+            hour: self.hour.parts(),
+            day: self.day.parts(),
+            users_hour: self.users_hour.parts(),
+        }
+    }
+
+    /// The state a snapshot describes; an error when it was made with other
+    /// bucket widths than `spec` (instances must share the window config).
+    pub fn from_snapshot(spec: &WindowSpec, s: &MerchantSnapshot) -> anyhow::Result<Self> {
+        if s.hour_bucket_ms != spec.hour_bucket_ms || s.day_bucket_ms != spec.day_bucket_ms {
+            anyhow::bail!(
+                "merchant snapshot has buckets {} ms / {} ms, this instance {} ms / {} ms (windows.hour_bucket / windows.day_bucket must be equal on every instance)",
+                s.hour_bucket_ms,
+                s.day_bucket_ms,
+                spec.hour_bucket_ms,
+                spec.day_bucket_ms
+            );
+        }
+        Ok(MerchantState {
+            hour: SumWindow::from_parts(spec.hour_n(), &s.hour),
+            day: SumWindow::from_parts(spec.day_n(), &s.day),
+            users_hour: DistinctWindow::from_parts(spec.hour_n(), &s.users_hour),
+            last_event_time: s.last_event_time,
+        })
     }
 }
 
@@ -356,16 +435,9 @@ impl FeatureEngine {
         t: &Transaction,
         out: &mut [f32; N_FEATURES],
     ) {
-        let Some(m) = m else { return };
-        let s = &self.spec;
-        let hb = t.event_time.div_euclid(s.hour_bucket_ms);
-        let h = m.hour.query(hb);
-        let d = m.day.query(t.event_time.div_euclid(s.day_bucket_ms));
-        out[15] = h.count as f32;
-        out[16] = mean(h);
-        out[17] = d.count as f32;
-        out[18] = mean(d);
-        out[19] = m.users_hour.query(hb) as f32;
+        if let Some(m) = m {
+            m.features_at(&self.spec, t.event_time, out);
+        }
     }
 
     /// The features of `t` as of its event time, from the current state,
@@ -380,6 +452,38 @@ impl FeatureEngine {
             let m = self.merchants.get(&t.merchant_id);
             self.merchant_features(m.as_deref(), t, &mut out);
         }
+        Features(out)
+    }
+
+    /// The features of `t` from its user's windows only (entries 15.. are
+    /// zero: the stream takes merchant features from the replicated
+    /// merchant table), without changing anything.
+    pub fn user_features_only(&self, t: &Transaction) -> Features {
+        let mut out = Self::event_features(t);
+        let u = self.users.get(&t.user_id);
+        self.user_features(u.as_deref(), t, &mut out);
+        Features(out)
+    }
+
+    /// Point-in-time features of `t` from its user's windows (merchant
+    /// entries zero), then, when `update`, `t` folded into the user's
+    /// windows. The merchant windows live in the merchant stage
+    /// (`crate::merchants`), which the stream feeds through the
+    /// repartition topic.
+    pub fn process_user_from(&self, partition: i32, t: &Transaction, update: bool) -> Features {
+        if !update {
+            return self.user_features_only(t);
+        }
+        let mut out = Self::event_features(t);
+        {
+            let mut u = self.user_entry(t);
+            self.user_features(Some(&*u), t, &mut out);
+            u.partition = partition;
+            self.fold_user(&mut u, t);
+        }
+        self.max_event_time
+            .fetch_max(t.event_time, Ordering::Relaxed);
+        self.enforce_limits();
         Features(out)
     }
 
@@ -477,13 +581,7 @@ impl FeatureEngine {
     }
 
     fn fold_merchant(&self, m: &mut MerchantState, t: &Transaction) {
-        let s = &self.spec;
-        let (ts, amount) = (t.event_time, t.amount as f32);
-        m.hour.add(ts.div_euclid(s.hour_bucket_ms), amount);
-        m.day.add(ts.div_euclid(s.day_bucket_ms), amount);
-        m.users_hour
-            .add(ts.div_euclid(s.hour_bucket_ms), stable_hash(&t.user_id));
-        m.last_event_time = m.last_event_time.max(ts);
+        m.fold(&self.spec, t.event_time, t.amount, &t.user_id);
     }
 
     /// Folds `t` into the state of its user and merchant.

@@ -86,10 +86,34 @@ impl SumWindow {
     pub fn heap_bytes(&self) -> usize {
         std::mem::size_of_val(&*self.slots)
     }
+
+    /// The live buckets as `(bucket, count, sum)`, in slot order (the
+    /// snapshot a changelog record carries).
+    pub fn parts(&self) -> Vec<(i64, u32, f32)> {
+        self.slots
+            .iter()
+            .filter(|s| s.bucket != i64::MIN)
+            .map(|s| (s.bucket, s.count, s.sum))
+            .collect()
+    }
+
+    /// A window of `buckets` slots holding `parts` (from [`SumWindow::parts`]
+    /// of a window of the same size). A part whose slot already holds a
+    /// newer bucket is dropped, as [`SumWindow::add`] would.
+    pub fn from_parts(buckets: usize, parts: &[(i64, u32, f32)]) -> Self {
+        let mut w = SumWindow::new(buckets);
+        for &(bucket, count, sum) in parts {
+            let i = w.slot_of(bucket);
+            if w.slots[i].bucket < bucket {
+                w.slots[i] = Slot { bucket, count, sum };
+            }
+        }
+        w
+    }
 }
 
 /// Number of 64-bit words in a distinct-count bitmap per bucket.
-const DISTINCT_WORDS: usize = 4;
+pub const DISTINCT_WORDS: usize = 4;
 const DISTINCT_BITS: f64 = (DISTINCT_WORDS * 64) as f64;
 
 #[derive(Debug, Clone, Copy)]
@@ -163,6 +187,27 @@ impl DistinctWindow {
 
     pub fn heap_bytes(&self) -> usize {
         std::mem::size_of_val(&*self.slots)
+    }
+
+    /// The live buckets as `(bucket, bitmap words)`, in slot order.
+    pub fn parts(&self) -> Vec<(i64, [u64; DISTINCT_WORDS])> {
+        self.slots
+            .iter()
+            .filter(|s| s.bucket != i64::MIN)
+            .map(|s| (s.bucket, s.bits))
+            .collect()
+    }
+
+    /// A window of `buckets` slots holding `parts` (see [`SumWindow::from_parts`]).
+    pub fn from_parts(buckets: usize, parts: &[(i64, [u64; DISTINCT_WORDS])]) -> Self {
+        let mut w = DistinctWindow::new(buckets);
+        for &(bucket, bits) in parts {
+            let i = bucket.rem_euclid(buckets as i64) as usize;
+            if w.slots[i].bucket < bucket {
+                w.slots[i] = BitSlot { bucket, bits };
+            }
+        }
+        w
     }
 }
 

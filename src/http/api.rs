@@ -46,6 +46,8 @@ pub struct Api {
     pub engine: Arc<FeatureEngine>,
     pub model: Arc<FraudModel>,
     pub sessions: Arc<SessionStore>,
+    /// The replicated merchant-features table (merchant features and views).
+    pub table: Arc<crate::merchants::MerchantTable>,
     pub metrics: Metrics,
     redis: OnceCell<redis::aio::ConnectionManager>,
     /// `recs:meta`, re-read at most every [`META_MAX_AGE`] (one Redis round
@@ -64,6 +66,7 @@ impl Api {
         engine: Arc<FeatureEngine>,
         model: Arc<FraudModel>,
         sessions: Arc<SessionStore>,
+        table: Arc<crate::merchants::MerchantTable>,
         metrics: Metrics,
     ) -> Api {
         Api {
@@ -71,6 +74,7 @@ impl Api {
             engine,
             model,
             sessions,
+            table,
             metrics,
             redis: OnceCell::new(),
             meta: std::sync::RwLock::new(None),
@@ -345,7 +349,9 @@ pub async fn score(
         let (status, code) = status_of(rej.reason);
         ApiError::new(status, code, rej.detail)
     })?;
-    let features = api.engine.features(&t);
+    // The stream's code: user windows here, merchant windows from the table.
+    let mut features = api.engine.user_features_only(&t);
+    api.table.fill(&t.merchant_id, t.event_time, &mut features);
     if !features.all_finite() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -414,21 +420,21 @@ struct View {
     what: &'static str,
     id_field: &'static str,
     fields: &'static [(&'static str, usize)],
-    read: fn(&FeatureEngine, &str, Option<i64>) -> Option<WindowView>,
+    read: fn(&Api, &str, Option<i64>) -> Option<WindowView>,
 }
 
 const USER_VIEW: View = View {
     what: "user",
     id_field: "user_id",
     fields: &USER_FIELDS,
-    read: FeatureEngine::user_view,
+    read: |api, id, at| api.engine.user_view(id, at),
 };
 
 const MERCHANT_VIEW: View = View {
     what: "merchant",
     id_field: "merchant_id",
     fields: &MERCHANT_FIELDS,
-    read: FeatureEngine::merchant_view,
+    read: |api, id, at| api.table.view(id, at),
 };
 
 fn feature_view(
@@ -439,7 +445,7 @@ fn feature_view(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_id(&format!("{} id", v.what), id)?;
     let at = int_param(q, "at")?;
-    let view = (v.read)(&api.engine, id, at)
+    let view = (v.read)(api, id, at)
         .ok_or_else(|| ApiError::not_found(format!("no window state for {} {id:?}", v.what)))?;
     let mut values = serde_json::Map::new();
     for (name, i) in v.fields {

@@ -49,6 +49,7 @@ async fn readyz_handler(State(s): State<AppState>) -> impl IntoResponse {
         (StatusCode::SERVICE_UNAVAILABLE, "not consuming\n")
     } else if s.health.warming.load(Ordering::Relaxed)
         || s.health.sessions_warming.load(Ordering::Relaxed)
+        || s.health.merchants_warming.load(Ordering::Relaxed)
     {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -2,7 +2,9 @@
 //! backpressure, and the consumer context that logs rebalances.
 
 pub mod admin;
+pub mod follow;
 pub mod produce;
+pub mod replay;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::TopicPartitionList;
@@ -72,4 +74,30 @@ pub fn reader_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false");
     cc
+}
+
+/// The partitions of `topic` on the broker, sorted; an error naming the
+/// fix when the topic does not exist.
+pub fn topic_partitions<C, X>(c: &C, topic: &str) -> anyhow::Result<Vec<i32>>
+where
+    C: rdkafka::consumer::Consumer<X>,
+    X: rdkafka::consumer::ConsumerContext,
+{
+    use anyhow::Context;
+    let md = c
+        .fetch_metadata(Some(topic), std::time::Duration::from_secs(15))
+        .with_context(|| format!("fetching metadata of topic {topic}"))?;
+    let mut partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        anyhow::bail!(
+            "topic {topic} does not exist on the broker; create the topics with `streamscore topics apply`"
+        );
+    }
+    partitions.sort_unstable();
+    Ok(partitions)
 }

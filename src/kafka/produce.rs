@@ -16,8 +16,23 @@ pub async fn enqueue(
     payload: &[u8],
     headers: Option<OwnedHeaders>,
 ) -> Result<DeliveryFuture, KafkaError> {
+    enqueue_opt(producer, topic, key, Some(payload), headers).await
+}
+
+/// [`enqueue`] of a record whose payload may be absent (a tombstone of a
+/// compacted topic).
+pub async fn enqueue_opt(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &[u8],
+    payload: Option<&[u8]>,
+    headers: Option<OwnedHeaders>,
+) -> Result<DeliveryFuture, KafkaError> {
     loop {
-        let mut rec = FutureRecord::to(topic).key(key).payload(payload);
+        let mut rec = FutureRecord::<[u8], [u8]>::to(topic).key(key);
+        if let Some(p) = payload {
+            rec = rec.payload(p);
+        }
         if let Some(h) = headers.clone() {
             rec = rec.headers(h);
         }

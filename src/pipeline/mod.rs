@@ -48,11 +48,12 @@ use crate::config::Config;
 use crate::events::{self, Limits, Reason, Rejection, Transaction};
 use crate::features::{FeatureEngine, Features, Lateness};
 use crate::kafka::{self, produce};
+use crate::merchants::{Forwarded, MerchantTable};
 use crate::metrics::Metrics;
 use crate::model::FraudModel;
 use crate::sinks::redis::RedisSink;
 use crate::topics;
-use output::{DeadLetter, Decision, FraudScore, SourcePosition};
+use output::{DeadLetter, Decision, FraudScore, MerchantTableUse, SourcePosition};
 
 pub(crate) type Consumer_ = StreamConsumer<PipelineContext>;
 
@@ -62,6 +63,8 @@ struct Scored {
     features: Features,
     late: bool,
     source: SourcePosition,
+    /// The merchant-features row used (None: no row for the merchant).
+    merchant_row: Option<crate::merchants::RowUsed>,
 }
 
 /// One input message, from the stream or recovered from the log.
@@ -98,8 +101,10 @@ struct Stage {
     health: Arc<Health>,
     /// Partitions whose windows were rebuilt since they were assigned.
     warmed: HashSet<i32>,
-    /// Partitions whose events are already in the merchant windows.
-    ever_warmed: HashSet<i32>,
+    /// The replicated merchant-features table.
+    table: Arc<MerchantTable>,
+    /// Where accepted events are forwarded, keyed by merchant.
+    repartition_topic: Arc<str>,
     revoked: Arc<context::Revocations>,
     in_flight: Arc<context::InFlight>,
     /// Next offset expected per partition in the current assignment.
@@ -157,7 +162,10 @@ impl Stage {
                 if late {
                     self.metrics.late_events.inc();
                 }
-                let features = self.engine.process_from(source.partition, &txn, !late);
+                let mut features = self.engine.process_user_from(source.partition, &txn, !late);
+                let merchant_row = self
+                    .table
+                    .fill(&txn.merchant_id, txn.event_time, &mut features);
                 if !features.all_finite() {
                     let rej = Rejection::new(
                         Reason::NonFiniteFeature,
@@ -179,6 +187,7 @@ impl Stage {
                     features,
                     late,
                     source,
+                    merchant_row,
                 });
             }
             Err(rejection) => {
@@ -214,6 +223,14 @@ impl Stage {
         let scored_at = crate::now_ms();
         let version = self.model.version();
         for (s, score) in accepted.into_iter().zip(scores) {
+            let used = s.merchant_row.map(|r| MerchantTableUse::new(&r, scored_at));
+            match &used {
+                Some(u) => self
+                    .metrics
+                    .merchant_features_age
+                    .observe(u.age_ms.max(0) as f64 / 1000.0),
+                None => self.metrics.merchant_features_missing.inc(),
+            }
             let out = FraudScore::new(
                 &s.txn,
                 score,
@@ -223,6 +240,7 @@ impl Stage {
                 s.late,
                 &s.features,
                 &s.source,
+                used,
             );
             self.metrics.fraud_score.observe(f64::from(score));
             if out.decision == Decision::Flag {
@@ -239,6 +257,24 @@ impl Stage {
                 .await
                 .with_context(|| format!("producing to {}", self.scores_topic))?;
             batch.deliveries.push((fut, rec));
+            if !s.late {
+                // The merchant stage's input; acknowledged before the
+                // offset is committed, like the score. (A late event is
+                // not folded into windows, here or there.)
+                let fwd = Forwarded::new(&s.txn, s.source.partition, s.source.offset, scored_at);
+                let rec = OutRecord {
+                    topic: self.repartition_topic.clone(),
+                    key: s.txn.merchant_id.as_bytes().to_vec(),
+                    payload: serde_json::to_vec(&fwd)
+                        .context("serialising a forwarded event")?
+                        .into(),
+                };
+                let fut =
+                    produce::enqueue(&self.producer, &rec.topic, &rec.key, &rec.payload, None)
+                        .await
+                        .with_context(|| format!("producing to {}", self.repartition_topic))?;
+                batch.deliveries.push((fut, rec));
+            }
             batch.event_times.push(s.txn.event_time);
             batch.newest_event_time = batch.newest_event_time.max(s.txn.event_time);
         }
@@ -271,48 +307,28 @@ impl Stage {
         Ok(batch)
     }
 
+    /// Idle and limit eviction of the user windows (the merchant windows
+    /// are the merchant stage's, which evicts and reports its own).
     fn evict(&self) {
-        let ((eu, em), stats) = self.engine.evict_idle_by(self.lateness.newest());
+        let ((eu, _), stats) = self.engine.evict_idle_by(self.lateness.newest());
         let m = &self.metrics;
-        let (lu, lm) = self.engine.take_limit_evictions();
-        for (store, reason, n) in [
-            ("user", "idle", eu as u64),
-            ("merchant", "idle", em as u64),
-            ("user", "limit", lu),
-            ("merchant", "limit", lm),
-        ] {
+        let (lu, _) = self.engine.take_limit_evictions();
+        for (store, reason, n) in [("user", "idle", eu as u64), ("user", "limit", lu)] {
             m.evicted_keys.with_label_values(&[store, reason]).inc_by(n);
         }
         m.window_keys
             .with_label_values(&["user"])
             .set(stats.user_keys as i64);
-        m.window_keys
-            .with_label_values(&["merchant"])
-            .set(stats.merchant_keys as i64);
         m.window_state_bytes
             .with_label_values(&["user"])
             .set(stats.user_bytes as i64);
-        m.window_state_bytes
-            .with_label_values(&["merchant"])
-            .set(stats.merchant_bytes as i64);
     }
 }
 
 /// Fails start-up when a topic the pipeline needs does not exist.
 fn check_topics(consumer: &Consumer_, names: &[&str]) -> anyhow::Result<()> {
     for name in names {
-        let md = consumer
-            .fetch_metadata(Some(name), Duration::from_secs(15))
-            .with_context(|| format!("fetching metadata of topic {name}"))?;
-        let ok = md
-            .topics()
-            .iter()
-            .any(|t| t.name() == *name && t.error().is_none() && !t.partitions().is_empty());
-        if !ok {
-            anyhow::bail!(
-                "topic {name} does not exist on the broker; create the topics with `streamscore topics apply`"
-            );
-        }
+        kafka::topic_partitions(consumer, name)?;
     }
     Ok(())
 }
@@ -330,6 +346,7 @@ pub async fn run(
         engine,
         model,
         sessions,
+        table,
     } = shared;
     metrics
         .model_info
@@ -356,7 +373,17 @@ pub async fn run(
         })
         .context("creating the Kafka consumer")?,
     );
-    check_topics(&consumer, &[&in_topic, &scores_topic, &dead_topic])?;
+    let repartition_topic = cfg.topic(topics::MERCHANT_REPARTITION);
+    check_topics(
+        &consumer,
+        &[
+            &in_topic,
+            &scores_topic,
+            &dead_topic,
+            &repartition_topic,
+            &cfg.topic(topics::MERCHANT_FEATURES),
+        ],
+    )?;
     let producer: FutureProducer = kafka::producer_config(&cfg.kafka)
         .create()
         .context("creating the Kafka producer")?;
@@ -396,6 +423,29 @@ pub async fn run(
             followers_stop.clone(),
         ),
     );
+    // The merchant stage (windows of the merchants of the repartition
+    // partitions this instance owns) and the replicated table every
+    // instance scores with.
+    let stage_task = followers::spawn(
+        "the merchant stage",
+        shutdown.clone(),
+        crate::merchants::stage::run(
+            cfg.clone(),
+            metrics.clone(),
+            health.merchants_warming.clone(),
+            followers_stop.clone(),
+        ),
+    );
+    let table_task = followers::spawn(
+        "the merchant table",
+        shutdown.clone(),
+        crate::merchants::table::run(
+            cfg.clone(),
+            table.clone(),
+            metrics.clone(),
+            followers_stop.clone(),
+        ),
+    );
     // The periodic recommendation rebuild (recs.rebuild_interval).
     let recs = tokio::spawn(crate::recs::periodic::run(
         cfg.clone(),
@@ -417,12 +467,19 @@ pub async fn run(
         in_topic: in_topic.clone(),
         health: health.clone(),
         warmed: HashSet::new(),
-        ever_warmed: HashSet::new(),
+        table: table.clone(),
+        repartition_topic: repartition_topic.into(),
         revoked,
         in_flight,
         next_offset: HashMap::new(),
         cfg,
     };
+    // Like a GlobalKTable: the table is read to its end before the first
+    // event is scored, so a restarted instance scores with every merchant.
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = table.wait_loaded() => {}
+    }
     health.running.store(true, Ordering::Relaxed);
     let result = consume_loop(&mut stage, &consumer, &tx, &shutdown).await;
     health.running.store(false, Ordering::Relaxed);
@@ -454,6 +511,8 @@ pub async fn run(
     followers_stop.cancel();
     followers::join("the Redis writer", writer).await?;
     followers::join("the session follower", sessions_task).await?;
+    followers::join("the merchant stage", stage_task).await?;
+    followers::join("the merchant table", table_task).await?;
     result?;
     if !drained {
         anyhow::bail!(

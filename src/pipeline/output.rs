@@ -55,6 +55,35 @@ pub struct FraudScore<'a> {
     /// The feature values the model saw, by name (audit trail).
     pub features: &'a Features,
     pub source: &'a SourcePosition,
+    /// The merchant-features row the merchant features came from (null:
+    /// the table had no row for the merchant, its features are 0).
+    pub merchant_table: Option<MerchantTableUse>,
+}
+
+/// Which merchant-features row a score used, and how old it was.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct MerchantTableUse {
+    /// Newest event time folded into the row, epoch ms.
+    pub as_of: i64,
+    /// When the merchant stage published the row, epoch ms.
+    pub published_at: i64,
+    /// `scored_at - published_at`: how old the row was when used.
+    pub age_ms: i64,
+    /// The merchant-repartition partition and last offset the row covers.
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl MerchantTableUse {
+    pub fn new(r: &crate::merchants::RowUsed, scored_at: i64) -> Self {
+        MerchantTableUse {
+            as_of: r.as_of,
+            published_at: r.published_at,
+            age_ms: scored_at - r.published_at,
+            partition: r.partition,
+            offset: r.offset,
+        }
+    }
 }
 
 impl<'a> FraudScore<'a> {
@@ -68,6 +97,7 @@ impl<'a> FraudScore<'a> {
         late: bool,
         features: &'a Features,
         source: &'a SourcePosition,
+        merchant_table: Option<MerchantTableUse>,
     ) -> Self {
         FraudScore {
             txn_id: &t.txn_id,
@@ -83,6 +113,7 @@ impl<'a> FraudScore<'a> {
             late,
             features,
             source,
+            merchant_table,
         }
     }
 }

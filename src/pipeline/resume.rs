@@ -113,7 +113,6 @@ impl Stage {
         score_from: i64,
         event_time: i64,
     ) -> anyhow::Result<Vec<warmup::GapMessage>> {
-        let merchants = !self.ever_warmed.contains(&partition);
         let kafka = self.cfg.kafka.clone();
         let topic = self.in_topic.clone();
         let engine = self.engine.clone();
@@ -132,7 +131,6 @@ impl Stage {
                 until_offset: offset,
                 score_from,
                 retention_ms,
-                merchants,
                 limits,
                 deadline: Duration::from_secs(600),
             };
@@ -157,7 +155,6 @@ impl Stage {
             "warm-up: windows rebuilt from the log"
         );
         self.warmed.insert(partition);
-        self.ever_warmed.insert(partition);
         Ok(stats.gap)
     }
 }

@@ -17,6 +17,8 @@ pub struct Health {
     pub warming: AtomicBool,
     /// Rebuilding a partition's sessions from the log.
     pub sessions_warming: Arc<AtomicBool>,
+    /// Rebuilding a partition's merchant windows (merchant stage).
+    pub merchants_warming: Arc<AtomicBool>,
 }
 
 /// The state `run` keeps and the `/v1` API reads: window stores, the
@@ -26,6 +28,8 @@ pub struct Shared {
     pub engine: Arc<FeatureEngine>,
     pub model: Arc<FraudModel>,
     pub sessions: Arc<crate::sessions::SessionStore>,
+    /// The replicated merchant-features table the stream scores with.
+    pub table: Arc<crate::merchants::MerchantTable>,
 }
 
 impl Shared {
@@ -36,6 +40,9 @@ impl Shared {
             engine: Arc::new(FeatureEngine::new(WindowSpec::from(&cfg.windows))),
             model: Arc::new(model),
             sessions: Arc::new(crate::sessions::SessionStore::new(&cfg.sessions)),
+            table: Arc::new(crate::merchants::MerchantTable::new(WindowSpec::from(
+                &cfg.windows,
+            ))),
         })
     }
 }

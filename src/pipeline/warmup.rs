@@ -66,9 +66,6 @@ pub struct Replay<'a> {
     /// How far back from `at_event_time` to replay
     /// ([`crate::features::WindowSpec::retention_ms`]).
     pub retention_ms: i64,
-    /// Fold merchant windows too (false when this partition's events are
-    /// already in them: a re-assignment within the same process).
-    pub merchants: bool,
     pub limits: Limits,
     /// Give up (error) after this long.
     pub deadline: Duration,
@@ -189,7 +186,8 @@ pub fn replay(
         }
         let late = lateness.is_late(r.partition, t.event_time);
         if t.event_time >= horizon_start && !late {
-            engine.update_from(r.partition, &t, r.merchants);
+            // User windows only: merchant windows are the merchant stage's.
+            engine.update_from(r.partition, &t, false);
             stats.events += 1;
         }
     }

@@ -58,19 +58,7 @@ pub fn read_all(
     let c: BaseConsumer = crate::kafka::reader_config(kafka, &group)
         .create()
         .context("creating the rebuild consumer")?;
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(15))
-        .with_context(|| format!("metadata of {topic}"))?;
-    let mut partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        anyhow::bail!("topic {topic} does not exist on the broker");
-    }
-    partitions.sort_unstable();
+    let partitions = crate::kafka::topic_partitions(&c, topic)?;
     // The end of the range is fixed now, before anything is read.
     let mut ends = Vec::new();
     for p in &partitions {

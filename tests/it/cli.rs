@@ -18,7 +18,7 @@ fn topics_apply_is_idempotent_and_reports_a_partition_mismatch() {
     let env = TestEnv::new("topics", "");
     let (code, out, err) = output_of(&mut env.command(&["topics", "apply"]));
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(out.matches("exists").count(), 5, "{out}");
+    assert_eq!(out.matches("exists").count(), 7, "{out}");
     assert!(!out.contains("created"), "{out}");
 
     // A definition that disagrees with the broker is reported, exit 3.

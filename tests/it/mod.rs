@@ -10,6 +10,7 @@ mod recovery;
 mod recs;
 mod redis_outage;
 mod restart;
+mod scale_out;
 mod schemas;
 mod serving;
 mod util;

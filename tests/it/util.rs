@@ -169,7 +169,23 @@ impl TestEnv {
         Self::build(name, "", false)
     }
 
+    /// A dynamic-membership environment whose topics all have `partitions`
+    /// partitions (`topics apply --file` with the shipped definitions
+    /// changed only in that).
+    pub fn dynamic_with_partitions(name: &str, extra: &str, partitions: i32) -> TestEnv {
+        Self::build_with(name, extra, false, Some(partitions))
+    }
+
     fn build(name: &str, extra: &str, static_membership: bool) -> TestEnv {
+        Self::build_with(name, extra, static_membership, None)
+    }
+
+    fn build_with(
+        name: &str,
+        extra: &str,
+        static_membership: bool,
+        partitions: Option<i32>,
+    ) -> TestEnv {
         let prefix = format!("{}.", unique(name));
         let dir = tempfile::tempdir().expect("tempdir");
         let http_port = free_port();
@@ -182,10 +198,16 @@ impl TestEnv {
             dir,
         };
         env.write_config(extra, static_membership);
-        let out = env
-            .command(&["topics", "apply"])
-            .output()
-            .expect("run topics apply");
+        let mut apply = env.command(&["topics", "apply"]);
+        if let Some(n) = partitions {
+            let path = env.dir.path().join("topics.toml");
+            let text = streamscore::topics::BUILTIN
+                .replace("\npartitions = 4\n", &format!("\npartitions = {n}\n"));
+            assert!(text.contains(&format!("partitions = {n}")));
+            std::fs::write(&path, text).expect("write topics file");
+            apply.arg("--file").arg(&path);
+        }
+        let out = apply.output().expect("run topics apply");
         assert!(
             out.status.success(),
             "topics apply failed: {}\n{}",
@@ -392,6 +414,8 @@ pub fn produce_all(topic: &str, records: &[(String, Vec<u8>)]) {
 pub struct Record {
     pub key: Option<String>,
     pub payload: Vec<u8>,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// A reader of every partition of `topic` from the beginning, without a
@@ -447,6 +471,8 @@ pub fn read_topic(
                 out.push(Record {
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     payload: m.payload().unwrap_or_default().to_vec(),
+                    partition: m.partition(),
+                    offset: m.offset(),
                 });
                 if satisfied_at.is_some() {
                     satisfied_at = Some(Instant::now());
