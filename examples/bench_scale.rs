@@ -21,7 +21,7 @@ use rdkafka::message::Message;
 use rdkafka::TopicPartitionList;
 
 mod common;
-use common::{free_port, pct, scrape, stop_child, Res};
+use common::{free_ports, pct, scrape, stop_child, Res};
 
 const PARTITIONS: i32 = 6;
 
@@ -76,7 +76,7 @@ fn main() -> Res<()> {
     let mut base = None;
     for k in 1..=max_k {
         let pre = format!("bscale{tag}k{k}.");
-        let ports: Vec<u16> = (0..k).map(|_| free_port()).collect::<Res<_>>()?;
+        let ports = free_ports(k)?;
         let cfg = dir.path().join(format!("k{k}.toml"));
         std::fs::write(
             &cfg,
@@ -112,24 +112,27 @@ fn main() -> Res<()> {
         if !st.success() {
             return Err("generate failed".into());
         }
+        let logs = std::env::var("BENCH_LOGS").unwrap_or_else(|_| "/tmp".into());
         let children: Vec<Child> = ports
             .iter()
-            .map(|p| {
-                ss(&["run"])
+            .enumerate()
+            .map(|(i, p)| -> Res<Child> {
+                let log = std::fs::File::create(format!("{logs}/bench_scale-k{k}-{i}.log"))?;
+                Ok(ss(&["run"])
                     .env("STREAMSCORE__HTTP__BIND", format!("127.0.0.1:{p}"))
-                    .env("RUST_LOG", "warn")
-                    .stderr(Stdio::null())
-                    .spawn()
+                    .env("RUST_LOG", "info,rdkafka=warn")
+                    .stderr(log)
+                    .spawn()?)
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Res<_>>()?;
         let scored = || -> f64 {
             ports
                 .iter()
                 .filter_map(|p| scrape(*p, "streamscore_events_scored_total"))
                 .sum()
         };
-        let wait_start = Instant::now();
         let mut first = None;
+        let (mut last_n, mut last_change) = (0.0, Instant::now());
         loop {
             let n = scored();
             if n > 0.0 && first.is_none() {
@@ -138,8 +141,17 @@ fn main() -> Res<()> {
             if n >= count as f64 {
                 break;
             }
-            if wait_start.elapsed() > Duration::from_secs(1800) {
-                return Err(format!("k={k}: only {n} of {count} scored in 30 min").into());
+            if n > last_n {
+                (last_n, last_change) = (n, Instant::now());
+            }
+            if last_change.elapsed() > Duration::from_secs(120) {
+                for c in children {
+                    stop_child(c);
+                }
+                return Err(format!(
+                    "k={k}: no progress for 120 s at {n} of {count} scored (the broker stopped delivering)"
+                )
+                .into());
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -41,6 +41,6 @@ until curl -sf "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null; do sleep 0.1; d
 until [ "$(metric streamscore_events_scored_total | cut -d. -f1)" -ge 200 ] 2>/dev/null; do sleep 0.2; done
 until curl -sf "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null; do sleep 0.1; done
 READY=$(date +%s.%N)
-log "second run: ready $(awk "BEGIN {printf \"%.1f\", $READY - $STARTED}") s after start; warm-up replayed $(metric streamscore_warmup_events_total) events in $(metric streamscore_warmup_duration_seconds_sum) s (sum over partitions, which warm up one after another)"
+log "second run: ready $(awk "BEGIN {printf \"%.1f\", $READY - $STARTED}") s after start; warm-up replayed $(metric streamscore_warmup_replayed_events_total) events in $(metric streamscore_warmup_duration_seconds_sum) s (sum over partitions, which warm up one after another); merchant stage replayed $(metric streamscore_merchant_warmup_replayed_events_total); merchant table rows $(metric streamscore_merchant_table_rows)"
 log "peak RSS after warm-up: $(awk '/VmHWM/ {print $2, $3}' /proc/$PID/status)"
 kill -TERM "$PID"; wait "$PID" || true

@@ -28,6 +28,18 @@ pub fn free_port() -> Res<u16> {
         .port())
 }
 
+/// `n` distinct free loopback ports (all bound at once, then released:
+/// ports picked one after another can repeat).
+pub fn free_ports(n: usize) -> Res<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()?)
+}
+
 /// The `q` quantile of `v` (sorted here).
 pub fn pct(v: &mut [i64], q: f64) -> i64 {
     v.sort_unstable();

@@ -51,7 +51,11 @@ impl AssignContext {
 impl ClientContext for AssignContext {}
 
 impl ConsumerContext for AssignContext {
-    fn post_rebalance(&self, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         let (list, ps) = match rebalance {
             Rebalance::Revoke(tpl) => (&self.revoked, partitions_of(tpl)),
             Rebalance::Assign(tpl) => (&self.assigned, partitions_of(tpl)),

@@ -76,6 +76,20 @@ pub fn reader_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
     cc
 }
 
+/// Most pre-fetched data a follower's consumer (merchant stage, merchant
+/// table) queues, unless `[kafka.consumer]` sets `queued.max.messages.kbytes`:
+/// librdkafka's default, 64 MB per consumer, let a follower that runs behind
+/// the stream hold 64 MB of backlog in memory (seen in the key-flood test as
+/// +200 MB RSS).
+pub const FOLLOWER_QUEUE_KBYTES: &str = "16384";
+
+/// Bounds a follower consumer's pre-fetch queue ([`FOLLOWER_QUEUE_KBYTES`]).
+pub fn bound_follower_queue(cc: &mut ClientConfig, cfg: &KafkaConfig) {
+    if !cfg.consumer.contains_key("queued.max.messages.kbytes") {
+        cc.set("queued.max.messages.kbytes", FOLLOWER_QUEUE_KBYTES);
+    }
+}
+
 /// The partitions of `topic` on the broker, sorted; an error naming the
 /// fix when the topic does not exist.
 pub fn topic_partitions<C, X>(c: &C, topic: &str) -> anyhow::Result<Vec<i32>>
@@ -100,4 +114,34 @@ where
     }
     partitions.sort_unstable();
     Ok(partitions)
+}
+
+/// Drops a consumer (librdkafka closes it: leaves the group, which serves a
+/// last revoke) on its own thread and waits at most `within`. Closing while
+/// a rebalance is in progress can wait for the group for minutes (seen with
+/// tansu 0.6 when several instances stop at once); offsets are committed
+/// before this, so a close that does not finish in time is left behind and
+/// the process exits anyway.
+pub fn close_within<T: Send + 'static>(
+    consumer: T,
+    what: &'static str,
+    within: std::time::Duration,
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name(format!("close {what}"))
+        .spawn(move || {
+            drop(consumer);
+            let _ = tx.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            if rx.recv_timeout(within).is_err() {
+                tracing::warn!(
+                    "{what}: consumer close did not finish within {within:?}; not waiting for it"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "{what}: no thread to close the consumer on"),
+    }
 }

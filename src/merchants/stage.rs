@@ -53,13 +53,15 @@ pub async fn run(
     let out_topic = cfg.topic(topics::MERCHANT_FEATURES);
     let mut kcfg = cfg.kafka.clone();
     kcfg.instance_id = kcfg.instance_id.map(|id| format!("{id}.merchants"));
-    let consumer: StreamConsumer<AssignContext> = kafka::consumer_config(
+    let mut cc = kafka::consumer_config(
         &kcfg,
         &group(&cfg),
         cfg.processing.commit_interval.as_millis() as u64,
-    )
-    .create_with_context(AssignContext::new("merchant stage"))
-    .context("creating the merchant stage consumer")?;
+    );
+    kafka::bound_follower_queue(&mut cc, &cfg.kafka);
+    let consumer: StreamConsumer<AssignContext> = cc
+        .create_with_context(AssignContext::new("merchant stage"))
+        .context("creating the merchant stage consumer")?;
     let producer: FutureProducer = kafka::producer_config(&cfg.kafka)
         .create()
         .context("creating the merchant-features producer")?;
@@ -178,6 +180,7 @@ pub async fn run(
     if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
         tracing::debug!(error = %e, "final merchant stage commit");
     }
+    kafka::close_within(consumer, "the merchant stage", Duration::from_secs(5));
     Ok(())
 }
 

@@ -33,17 +33,34 @@ pub async fn run(
         std::process::id(),
         crate::now_ms()
     );
-    let consumer: StreamConsumer = kafka::reader_config(&cfg.kafka, &group)
+    let mut cc = kafka::reader_config(&cfg.kafka, &group);
+    kafka::bound_follower_queue(&mut cc, &cfg.kafka);
+    let consumer: StreamConsumer = cc
         .create()
         .context("creating the merchant table consumer")?;
     let partitions = kafka::topic_partitions(&consumer, &topic)?;
-    // Loaded once every partition is read up to its end at start.
+    // Loaded once every partition is read up to its end at start. A slow
+    // broker (several instances starting at once) is waited for, not fatal.
     let mut remaining: HashMap<i32, i64> = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for &p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(&topic, p, Duration::from_secs(10))
-            .with_context(|| format!("watermarks of {topic}/{p}"))?;
+        let mut tries = 0;
+        let (low, high) = loop {
+            match consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)) {
+                Ok(w) => break w,
+                Err(e) if tries < 6 => {
+                    tries += 1;
+                    tracing::warn!(error = %e, partition = p, "merchant table: watermarks unknown; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("watermarks of {topic}/{p}"));
+                }
+            }
+        };
         if high > low {
             remaining.insert(p, high);
         }

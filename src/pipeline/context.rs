@@ -151,7 +151,30 @@ fn describe(rebalance: &Rebalance<'_>) -> (&'static str, Vec<i32>) {
 }
 
 impl ConsumerContext for PipelineContext {
-    fn pre_rebalance(&self, rebalance: &Rebalance<'_>) {
+    /// A failed commit means the next owner of those partitions re-reads
+    /// from an older offset (duplicates, never loss): worth a warning.
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &rdkafka::TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => {}
+            // Nothing stored since the last commit.
+            Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, partitions = ?partitions_of(offsets), "offset commit failed")
+            }
+        }
+    }
+
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         let (kind, partitions) = describe(rebalance);
         if let Rebalance::Error(e) = rebalance {
             tracing::warn!(error = %e, "rebalance error");
@@ -171,11 +194,30 @@ impl ConsumerContext for PipelineContext {
                 }
                 _ => drain(),
             };
+            // Commit now, synchronously, while this member still belongs
+            // to the generation that owns the partitions. librdkafka's own
+            // commit on revoke is asynchronous and races the rejoin: a
+            // broker that has moved to the next generation rejects it, and
+            // the new owner scores again what was processed here.
+            let committed = {
+                use rdkafka::consumer::{CommitMode, Consumer};
+                match consumer.commit_consumer_state(CommitMode::Sync) {
+                    Ok(()) => "committed",
+                    Err(rdkafka::error::KafkaError::ConsumerCommit(
+                        rdkafka::types::RDKafkaErrorCode::NoOffset,
+                    )) => "nothing new to commit",
+                    Err(e) => {
+                        tracing::warn!(error = %e, ?partitions, "revoke: commit failed; the new owner re-reads from the last commit");
+                        "commit failed"
+                    }
+                }
+            };
             if done {
                 tracing::info!(
                     ?partitions,
                     waited_ms = started.elapsed().as_millis() as u64,
-                    "revoke: outputs of processed events acknowledged, offsets stored (committed on revoke)"
+                    committed,
+                    "revoke: outputs of processed events acknowledged, offsets stored and committed"
                 );
             } else {
                 tracing::warn!(
@@ -185,7 +227,11 @@ impl ConsumerContext for PipelineContext {
             }
         }
     }
-    fn post_rebalance(&self, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         let (kind, partitions) = describe(rebalance);
         tracing::info!(kind, ?partitions, "rebalance: after");
         if let Rebalance::Revoke(_) = rebalance {

@@ -513,6 +513,9 @@ pub async fn run(
     followers::join("the session follower", sessions_task).await?;
     followers::join("the merchant stage", stage_task).await?;
     followers::join("the merchant table", table_task).await?;
+    // Offsets are committed: leaving the group must not hold the exit.
+    drop(stage);
+    kafka::close_within(consumer, "the pipeline", Duration::from_secs(5));
     result?;
     if !drained {
         anyhow::bail!(

@@ -47,7 +47,11 @@ pub struct WriterContext {
 impl ClientContext for WriterContext {}
 
 impl ConsumerContext for WriterContext {
-    fn post_rebalance(&self, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
         if !matches!(rebalance, Rebalance::Error(_)) {
             self.rebalanced.store(true, Ordering::Release);
         }
@@ -246,6 +250,7 @@ pub async fn run(cfg: Config, metrics: Metrics, shutdown: CancellationToken) -> 
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "Redis writer: final commit");
     }
+    kafka::close_within(consumer, "the Redis writer", Duration::from_secs(5));
     result
 }
 

@@ -43,13 +43,25 @@ impl Stage {
                 Ok(t) => t.event_time,
                 Err(_) => m.timestamp().to_millis().unwrap_or_else(crate::now_ms),
             };
+        // A broker may also resume *before* the committed offset (tansu 0.6
+        // answers with the whole record batch around it; seen as events
+        // scored twice after a rebalance). Everything before the committed
+        // offset has acknowledged outputs: it is folded by the warm-up and
+        // its messages are skipped as redeliveries, never scored again.
+        let until = if score_from > m.offset() {
+            tracing::warn!(
+                partition = m.partition(),
+                committed = score_from,
+                delivered = m.offset(),
+                "the broker resumed before the committed offset; skipping what was already scored"
+            );
+            self.next_offset.insert(m.partition(), score_from);
+            score_from
+        } else {
+            m.offset()
+        };
         let gap = self
-            .warm_up(
-                m.partition(),
-                m.offset(),
-                score_from.min(m.offset()),
-                event_time,
-            )
+            .warm_up(m.partition(), until, score_from.min(until), event_time)
             .await?;
         if !gap.is_empty() {
             tracing::warn!(

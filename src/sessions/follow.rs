@@ -216,6 +216,7 @@ pub async fn run(
     if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
         tracing::debug!(error = %e, "final session commit");
     }
+    kafka::close_within(consumer, "the session follower", Duration::from_secs(5));
     Ok(())
 }
 

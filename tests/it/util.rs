@@ -139,6 +139,18 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_streamscore"))
 }
 
+/// `n` distinct free loopback ports (bound at once, then released: ports
+/// picked one after another can repeat, and two instances on one port is
+/// one instance dead at start).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    ls.iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
@@ -322,8 +334,9 @@ pub struct RunningProcess {
 }
 
 impl RunningProcess {
+    /// The log so far (lossy: one invalid byte must not hide the rest).
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
     }
 
     /// SIGTERM, then wait for the exit (bounded).
