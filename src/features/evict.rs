@@ -47,7 +47,7 @@ impl FeatureEngine {
         }
         if self.merchants.len() > self.spec.max_merchants {
             let dropped = shrink(&self.merchants, self.spec.max_merchants, |m| {
-                m.last_event_time
+                m.last_event_time()
             });
             self.limit_evicted
                 .1
@@ -109,7 +109,7 @@ impl FeatureEngine {
             keep
         });
         self.merchants.retain(|k, m| {
-            let keep = m.last_event_time >= merchant_cutoff;
+            let keep = m.last_event_time() >= merchant_cutoff;
             if keep {
                 stats.merchant_bytes +=
                     m.heap_bytes() + k.len() + std::mem::size_of::<MerchantState>();

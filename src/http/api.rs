@@ -407,7 +407,7 @@ const USER_FIELDS: [(&str, usize); 10] = [
     ("amount_std_24h", 11),
 ];
 
-const MERCHANT_FIELDS: [(&str, usize); 5] = [
+pub const MERCHANT_FIELDS: [(&str, usize); 5] = [
     ("txn_count_1h", 15),
     ("amount_mean_1h", 16),
     ("txn_count_24h", 17),

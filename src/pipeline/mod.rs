@@ -19,6 +19,7 @@
 //! scoring, and Redis catches up from its own committed offsets.
 
 mod ack;
+mod consume;
 mod context;
 mod followers;
 pub mod output;
@@ -481,7 +482,7 @@ pub async fn run(
         _ = table.wait_loaded() => {}
     }
     health.running.store(true, Ordering::Relaxed);
-    let result = consume_loop(&mut stage, &consumer, &tx, &shutdown).await;
+    let result = consume::consume_loop(&mut stage, &consumer, &tx, &shutdown).await;
     health.running.store(false, Ordering::Relaxed);
     drop(tx);
 
@@ -525,92 +526,4 @@ pub async fn run(
     }
     tracing::info!("stopped cleanly: outputs acknowledged, offsets committed");
     Ok(())
-}
-
-async fn consume_loop(
-    stage: &mut Stage,
-    consumer: &Consumer_,
-    tx: &mpsc::Sender<PendingBatch>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let max = stage.cfg.processing.batch_max_events;
-    let wait = stage.cfg.processing.batch_max_wait;
-    let mut evict_tick = tokio::time::interval(stage.cfg.windows.eviction_interval);
-    evict_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        stage.forget_revoked();
-        let first = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = evict_tick.tick() => {
-                stage.evict();
-                continue;
-            }
-            m = consumer.recv() => m,
-        };
-        let taken_at = Instant::now();
-        let mut accepted = Vec::with_capacity(max);
-        let mut rejected = Vec::new();
-        let mut offsets = HashMap::new();
-        match first {
-            Ok(m) => {
-                stage
-                    .before_take(consumer, &m, &mut accepted, &mut rejected, &mut offsets)
-                    .await?;
-                stage.take(&m, &mut accepted, &mut rejected, &mut offsets)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Kafka consumer error; continuing");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        }
-        let deadline = tokio::time::Instant::now() + wait;
-        while accepted.len() + rejected.len() < max {
-            // A message already waiting is taken without arming a timer
-            // (recv is cancel-safe); only an empty queue waits for the deadline.
-            let ready = tokio::select! {
-                biased;
-                m = consumer.recv() => Some(m),
-                _ = std::future::ready(()) => None,
-            };
-            let next = match ready {
-                Some(m) => Ok(m),
-                None => tokio::time::timeout_at(deadline, consumer.recv()).await,
-            };
-            match next {
-                Ok(Ok(m)) => {
-                    if stage.revoked.pending() {
-                        // A revocation happened inside this recv: what this
-                        // batch holds of those partitions is not scored.
-                        let gone = stage.forget_revoked();
-                        accepted.retain(|s| !gone.contains(&s.source.partition));
-                        rejected.retain(|r| !gone.contains(&r.source.partition));
-                        offsets.retain(|p, _| !gone.contains(p));
-                    }
-                    stage
-                        .before_take(consumer, &m, &mut accepted, &mut rejected, &mut offsets)
-                        .await?;
-                    stage.take(&m, &mut accepted, &mut rejected, &mut offsets)
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "Kafka consumer error; continuing");
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        stage
-            .metrics
-            .batch_size
-            .observe((accepted.len() + rejected.len()) as f64);
-        if accepted.is_empty() && rejected.is_empty() {
-            continue; // everything taken belonged to a revoked partition
-        }
-        let batch = stage.emit(accepted, rejected, offsets, taken_at).await?;
-        stage.in_flight.emitted(&batch.offsets);
-        if tx.send(batch).await.is_err() {
-            anyhow::bail!("the acker stopped; see the error above");
-        }
-    }
 }

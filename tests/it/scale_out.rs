@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use streamscore::config::WindowConfig;
 use streamscore::features::{FeatureEngine, MerchantState, WindowSpec, N_FEATURES};
+use streamscore::http::api::MERCHANT_FIELDS;
 use streamscore::merchants::Forwarded;
 
 use super::util::*;
@@ -28,14 +29,6 @@ const MERCHANTS: usize = 40;
 /// trip, with a wide margin for three instances and a broker sharing two
 /// cores.
 const CATCH_UP: Duration = Duration::from_secs(20);
-
-const MERCHANT_FIELDS: [(&str, usize); 5] = [
-    ("txn_count_1h", 15),
-    ("amount_mean_1h", 16),
-    ("txn_count_24h", 17),
-    ("amount_mean_24h", 18),
-    ("distinct_users_1h", 19),
-];
 
 /// A log line without its colour codes.
 fn strip_ansi(line: &str) -> String {
