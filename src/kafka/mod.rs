@@ -34,13 +34,15 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
 /// Consumer configuration for `group`: common, then `[kafka.consumer]`
 /// options, then the settings streamscore owns: offsets are stored by the
 /// pipeline only after a message's outputs are acknowledged, and committed in
-/// the background every `commit_interval`.
+/// the background every `commit_interval`; pre-fetch bounded
+/// ([`bound_prefetch`]).
 pub fn consumer_config(cfg: &KafkaConfig, group: &str, commit_interval_ms: u64) -> ClientConfig {
     let mut cc = base_config(cfg);
     cc.set("group.id", group);
     if let Some(id) = &cfg.instance_id {
         cc.set("group.instance.id", id);
     }
+    bound_prefetch(&mut cc, cfg);
     for (k, v) in &cfg.consumer {
         cc.set(k, v);
     }
@@ -76,17 +78,19 @@ pub fn reader_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
     cc
 }
 
-/// Most pre-fetched data a follower's consumer (merchant stage, merchant
-/// table) queues, unless `[kafka.consumer]` sets `queued.max.messages.kbytes`:
-/// librdkafka's default, 64 MB per consumer, let a follower that runs behind
-/// the stream hold 64 MB of backlog in memory (seen in the key-flood test as
-/// +200 MB RSS).
-pub const FOLLOWER_QUEUE_KBYTES: &str = "16384";
+/// Most pre-fetched data a consumer of `run` (the stream, the Redis writer,
+/// the sessions follower, the merchant stage and table) queues, unless
+/// `[kafka.consumer]` sets `queued.max.messages.kbytes`. librdkafka's
+/// default, 64 MB per consumer, let every consumer that runs behind hold 64
+/// MB of backlog in memory: a 3 M key flood grew RSS by 230 MB with the key
+/// store full, all of it pre-fetched records. 16 MB is still ~50,000
+/// transactions ahead of the stream.
+pub const CONSUMER_QUEUE_KBYTES: &str = "16384";
 
-/// Bounds a follower consumer's pre-fetch queue ([`FOLLOWER_QUEUE_KBYTES`]).
-pub fn bound_follower_queue(cc: &mut ClientConfig, cfg: &KafkaConfig) {
+/// Bounds a consumer's pre-fetch queue ([`CONSUMER_QUEUE_KBYTES`]).
+pub fn bound_prefetch(cc: &mut ClientConfig, cfg: &KafkaConfig) {
     if !cfg.consumer.contains_key("queued.max.messages.kbytes") {
-        cc.set("queued.max.messages.kbytes", FOLLOWER_QUEUE_KBYTES);
+        cc.set("queued.max.messages.kbytes", CONSUMER_QUEUE_KBYTES);
     }
 }
 

@@ -53,12 +53,11 @@ pub async fn run(
     let out_topic = cfg.topic(topics::MERCHANT_FEATURES);
     let mut kcfg = cfg.kafka.clone();
     kcfg.instance_id = kcfg.instance_id.map(|id| format!("{id}.merchants"));
-    let mut cc = kafka::consumer_config(
+    let cc = kafka::consumer_config(
         &kcfg,
         &group(&cfg),
         cfg.processing.commit_interval.as_millis() as u64,
     );
-    kafka::bound_follower_queue(&mut cc, &cfg.kafka);
     let consumer: StreamConsumer<AssignContext> = cc
         .create_with_context(AssignContext::new("merchant stage"))
         .context("creating the merchant stage consumer")?;

@@ -34,7 +34,7 @@ pub async fn run(
         crate::now_ms()
     );
     let mut cc = kafka::reader_config(&cfg.kafka, &group);
-    kafka::bound_follower_queue(&mut cc, &cfg.kafka);
+    kafka::bound_prefetch(&mut cc, &cfg.kafka);
     let consumer: StreamConsumer = cc
         .create()
         .context("creating the merchant table consumer")?;

@@ -50,14 +50,30 @@ pub fn use_own_broker(brokers: &str) {
 pub struct OwnBroker {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    storage: &'static str,
     child: Option<Child>,
 }
 
 impl OwnBroker {
     pub fn start() -> OwnBroker {
+        // A path relative to the working directory: tansu 0.6 puts the
+        // working directory before absolute ones too.
+        OwnBroker::start_on("sqlite://tansu.db")
+    }
+
+    /// A broker on tansu's memory engine: its records go when the test
+    /// ends, instead of staying in the shared broker's memory for the rest
+    /// of the suite (a flood of millions). Data does not survive
+    /// [`OwnBroker::restart`].
+    pub fn start_in_memory() -> OwnBroker {
+        OwnBroker::start_on("memory://tansu/")
+    }
+
+    fn start_on(storage: &'static str) -> OwnBroker {
         let mut b = OwnBroker {
             dir: tempfile::tempdir().expect("tempdir"),
             port: free_port(),
+            storage,
             child: None,
         };
         b.restart();
@@ -86,9 +102,7 @@ impl OwnBroker {
                 "--advertised-listener-url",
                 &url,
             ])
-            // A path relative to the working directory: tansu 0.6 puts
-            // the working directory before absolute ones too.
-            .args(["--storage-engine", "sqlite://tansu.db"])
+            .args(["--storage-engine", self.storage])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -137,6 +151,19 @@ pub fn root() -> PathBuf {
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_streamscore"))
+}
+
+/// The optimised build of the binary (`cargo build --release`, path in
+/// STREAMSCORE_TEST_RELEASE_BIN; scripts/test.sh builds it), for the tests
+/// that push millions of events through: a debug build scores ~3,000/s.
+pub fn release_bin() -> PathBuf {
+    let p = PathBuf::from(service("STREAMSCORE_TEST_RELEASE_BIN"));
+    assert!(
+        p.is_file(),
+        "STREAMSCORE_TEST_RELEASE_BIN={} is not a file: build it with cargo build --release --bin streamscore",
+        p.display()
+    );
+    p
 }
 
 /// `n` distinct free loopback ports (bound at once, then released: ports
@@ -285,7 +312,12 @@ topic_transactions = false
 
     /// `streamscore --config <this env> ARGS…`
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin());
+        self.command_of(&bin(), args)
+    }
+
+    /// [`TestEnv::command`] of another build of the binary.
+    pub fn command_of(&self, bin: &std::path::Path, args: &[&str]) -> Command {
+        let mut c = Command::new(bin);
         c.arg("--config").arg(&self.config_path).args(args);
         c.env("RUST_LOG", "info,rdkafka=warn");
         c
@@ -309,10 +341,21 @@ topic_transactions = false
         http_port: u16,
         vars: &[(&str, &str)],
     ) -> RunningProcess {
+        self.spawn_run_of(&bin(), tag, http_port, vars)
+    }
+
+    /// [`TestEnv::spawn_run_with`] of another build of the binary.
+    pub fn spawn_run_of(
+        &self,
+        bin: &std::path::Path,
+        tag: &str,
+        http_port: u16,
+        vars: &[(&str, &str)],
+    ) -> RunningProcess {
         let log = self.dir.path().join(format!("run-{tag}.log"));
         let f = std::fs::File::create(&log).expect("log file");
         let child = self
-            .command(&["run"])
+            .command_of(bin, &["run"])
             .env("STREAMSCORE__HTTP__BIND", format!("127.0.0.1:{http_port}"))
             .envs(vars.iter().copied())
             .stdout(Stdio::null())
@@ -786,15 +829,50 @@ pub fn read_all_scores(env: &TestEnv, n: usize, context: impl Fn() -> String) ->
 pub struct OwnRedis {
     pub port: u16,
     dir: PathBuf,
+    persistence: &'static [&'static str],
     child: Option<Child>,
 }
 
 impl OwnRedis {
     pub fn start(dir: &std::path::Path) -> OwnRedis {
+        OwnRedis::start_with(
+            dir,
+            &[
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ],
+        )
+    }
+
+    /// A Redis used as a pure cache: no persistence, at most 256 MB, least
+    /// recently used keys evicted (a flood's millions of scores would
+    /// otherwise hold gigabytes of the shared redis-server for their TTL).
+    pub fn start_cache(dir: &std::path::Path) -> OwnRedis {
+        OwnRedis::start_with(
+            dir,
+            &[
+                "--appendonly",
+                "no",
+                "--save",
+                "",
+                "--maxmemory",
+                "256mb",
+                "--maxmemory-policy",
+                "allkeys-lru",
+            ],
+        )
+    }
+
+    fn start_with(dir: &std::path::Path, persistence: &'static [&'static str]) -> OwnRedis {
         std::fs::create_dir_all(dir).expect("redis dir");
         let mut r = OwnRedis {
             port: free_port(),
             dir: dir.to_path_buf(),
+            persistence,
             child: None,
         };
         r.restart();
@@ -810,14 +888,7 @@ impl OwnRedis {
         assert!(self.child.is_none(), "redis-server already running");
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
+            .args(self.persistence)
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
