@@ -6,7 +6,7 @@ DuckDB in SQL over the same interactions exported to Parquet.
 
 Converts the JSON lines to Parquet (timed apart: the export), then times the
 SQL: co-occurrence of each interaction with the distinct items among the
-user's previous `history_cap` interactions (weights of both kinds, growth
+user's previous `cooccurrence_window` interactions (weights of both kinds, growth
 2^((t - t0) / half-life) of the newer one), both directions; the strongest
 `max_neighbours` per item; per user the neighbours of their last
 `history_cap` items weighted by kind and age, minus what they bought; top
@@ -22,7 +22,7 @@ import time
 
 import duckdb
 
-HISTORY_CAP, MAX_NEIGHBOURS, TOP_K = 30, 50, 20
+HISTORY_CAP, COOCCURRENCE_WINDOW, MAX_NEIGHBOURS, TOP_K = 30, 10, 50, 20
 HALF_LIFE_MS = 7 * 24 * 3600 * 1000
 WEIGHTS = "CASE kind WHEN 'view' THEN 1.0 WHEN 'click' THEN 2.0 WHEN 'add_to_cart' THEN 4.0 ELSE 8.0 END"
 
@@ -54,7 +54,7 @@ def main():
       SELECT a.item_id AS i, b.item_id AS o,
              a.w * arg_max(b.w, b.n) * pow(2, (a.event_time - {t0}) / {HALF_LIFE_MS}) AS c
       FROM ev a JOIN ev b
-        ON a.user_id = b.user_id AND b.n >= a.n - {HISTORY_CAP} AND b.n < a.n AND b.item_id <> a.item_id
+        ON a.user_id = b.user_id AND b.n >= a.n - {COOCCURRENCE_WINDOW} AND b.n < a.n AND b.item_id <> a.item_id
       GROUP BY a.user_id, a.n, a.item_id, a.w, a.event_time, b.item_id""")
     con.execute(f"""
       CREATE TEMP TABLE nb AS

@@ -5,6 +5,9 @@
 # same run on the same broker, and reports the rebuild's peak RSS.
 #
 #   scripts/bench_rebuild.sh [COUNT=1000000] [USERS=100000] [ITEMS=50000]
+#
+# BASELINE_BIN=path/to/another/streamscore also times that build's rebuild
+# on the same data afterwards (a before/after comparison in one run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -28,4 +31,12 @@ TXNS=$((COUNT / 10))
 target/release/examples/bench_read "$CFG"
 /usr/bin/time -v "$BIN" --config "$CFG" rebuild 2>"$RUN_DIR/rebuild.err" >"$RUN_DIR/meta.json"
 grep -E "^rebuild: generation|rebuild phases" "$RUN_DIR/rebuild.err" | sed "s/\x1b\[[0-9;]*m//g"
-grep -E "Maximum resident|Elapsed" "$RUN_DIR/rebuild.err"
+grep -E "Maximum resident|Elapsed|User time|System time" "$RUN_DIR/rebuild.err"
+if [ -n "${BASELINE_BIN:-}" ]; then
+  log "baseline: $BASELINE_BIN"
+  /usr/bin/time -v "$BASELINE_BIN" --config "$CFG" rebuild 2>"$RUN_DIR/baseline.err" >/dev/null
+  grep -E "^rebuild: generation|rebuild phases" "$RUN_DIR/baseline.err" | sed "s/\x1b\[[0-9;]*m//g"
+  grep -E "Maximum resident|Elapsed|User time|System time" "$RUN_DIR/baseline.err"
+  log "read only, again"
+  target/release/examples/bench_read "$CFG"
+fi

@@ -387,7 +387,7 @@ async fn read_interactions(
             &topic,
             &limits,
             &never,
-            |e| events.push(e),
+            |e| events.push(e.into_owned()),
             progress,
         )?;
         anyhow::Ok((events, stats))

@@ -30,6 +30,32 @@ pub struct Transaction {
     pub fraud_pattern: Option<String>,
 }
 
+/// An [`Interaction`] borrowing its text from the message: the rebuild's
+/// replay parses millions, and a field without escapes costs no allocation.
+#[derive(Debug, Deserialize)]
+pub struct InteractionRef<'a> {
+    #[serde(borrow)]
+    pub event_id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    pub user_id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    pub item_id: std::borrow::Cow<'a, str>,
+    pub kind: InteractionKind,
+    pub event_time: i64,
+}
+
+impl InteractionRef<'_> {
+    pub fn into_owned(self) -> Interaction {
+        Interaction {
+            event_id: self.event_id.into_owned(),
+            user_id: self.user_id.into_owned(),
+            item_id: self.item_id.into_owned(),
+            kind: self.kind,
+            event_time: self.event_time,
+        }
+    }
+}
+
 /// Kind of an interaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -243,8 +269,17 @@ pub fn parse_interaction(
     now_ms: i64,
     limits: &Limits,
 ) -> Result<Interaction, Rejection> {
+    parse_interaction_ref(raw, now_ms, limits).map(InteractionRef::into_owned)
+}
+
+/// [`parse_interaction`] without copying the text fields out of `raw`.
+pub fn parse_interaction_ref<'a>(
+    raw: &'a [u8],
+    now_ms: i64,
+    limits: &Limits,
+) -> Result<InteractionRef<'a>, Rejection> {
     check_size(raw, limits)?;
-    let i: Interaction =
+    let i: InteractionRef<'a> =
         serde_json::from_slice(raw).map_err(|e| Rejection::new(classify(&e), e.to_string()))?;
     check_non_empty(&[
         ("event_id", &i.event_id),

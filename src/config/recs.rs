@@ -18,6 +18,10 @@ pub struct RecsConfig {
     pub top_k: usize,
     /// Most recent items kept per user while replaying.
     pub history_cap: usize,
+    /// A new interaction co-occurs with the distinct items among the
+    /// user's last this-many interactions (at most `history_cap`). The
+    /// fold's cost is proportional to it.
+    pub cooccurrence_window: usize,
     /// Neighbours kept per item (co-occurrence lists are pruned to this).
     pub max_neighbours: usize,
     /// Neighbours per item published for the serving layer's session
@@ -52,6 +56,7 @@ impl Default for RecsConfig {
             rebuild_interval: Duration::from_secs(3600),
             top_k: 20,
             history_cap: 30,
+            cooccurrence_window: 10,
             max_neighbours: 50,
             serve_neighbours: 20,
             decay_half_life: Duration::from_secs(7 * 24 * 3600),
@@ -74,6 +79,7 @@ impl RecsConfig {
         for (name, v) in [
             ("recs.top_k", r.top_k),
             ("recs.history_cap", r.history_cap),
+            ("recs.cooccurrence_window", r.cooccurrence_window),
             ("recs.max_neighbours", r.max_neighbours),
             ("recs.serve_neighbours", r.serve_neighbours),
             ("recs.popular_k", r.popular_k),
@@ -81,6 +87,12 @@ impl RecsConfig {
             if v == 0 {
                 errs.push(format!("{name}: must be at least 1"));
             }
+        }
+        if r.cooccurrence_window > r.history_cap {
+            errs.push(format!(
+                "recs.cooccurrence_window: {} is more than recs.history_cap ({}), the interactions kept per user",
+                r.cooccurrence_window, r.history_cap
+            ));
         }
         for (name, d) in [
             ("recs.decay_half_life", r.decay_half_life),

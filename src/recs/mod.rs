@@ -22,10 +22,56 @@ use serde::{Deserialize, Serialize};
 use crate::config::RecsConfig;
 use crate::events::{Interaction, InteractionKind};
 
+/// Parsed interactions handed from the replay to the fold thread at once.
+const FOLD_BATCH: usize = 4_096;
+
+/// A batch of parsed interactions for the fold thread: their ids in one
+/// buffer (no allocation per event, none freed across threads).
+#[derive(Default)]
+struct FoldBatch {
+    text: String,
+    /// End of the user id and of the item id in `text` (each row starts
+    /// where the previous one ended), kind, event time.
+    rows: Vec<(u32, u32, InteractionKind, i64)>,
+}
+
+impl FoldBatch {
+    fn with_capacity(n: usize) -> FoldBatch {
+        FoldBatch {
+            text: String::with_capacity(n * 24),
+            rows: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, e: &crate::events::InteractionRef<'_>) {
+        self.text.push_str(&e.user_id);
+        let user_end = self.text.len() as u32;
+        self.text.push_str(&e.item_id);
+        self.rows
+            .push((user_end, self.text.len() as u32, e.kind, e.event_time));
+    }
+
+    fn fold_into(&self, b: &mut Builder) {
+        let mut start = 0usize;
+        for &(user_end, item_end, kind, time) in &self.rows {
+            let (u, i) = (user_end as usize, item_end as usize);
+            b.add_parts(&self.text[start..u], &self.text[u..i], kind, time);
+            start = i;
+        }
+    }
+}
+/// Users ranked per chunk handed to the publisher.
+const RANK_CHUNK: usize = 10_000;
+
 /// One rebuild: replays the whole `interactions` log, ranks, and publishes
 /// the next generation. `progress(done, total)` is called now and then
 /// from the replay thread; setting `cancel` aborts the replay (nothing is
 /// published then, the previous generation stays).
+///
+/// Three stages overlap: the replay thread reads and parses while a fold
+/// thread folds (bounded channel); then ranking threads rank users in
+/// chunks, in user id order, while the publisher writes the previous chunk
+/// to the topic and Redis.
 pub async fn rebuild_once(
     cfg: &crate::config::Config,
     cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -36,23 +82,90 @@ pub async fn rebuild_once(
     let topic = cfg.topic(crate::topics::INTERACTIONS);
     let limits = crate::events::Limits::from_config(&cfg.processing);
     let recs_cfg = cfg.recs.clone();
-    let (candidates, stats, replay_secs, rank_secs) = tokio::task::spawn_blocking(move || {
-        let started = std::time::Instant::now();
-        let mut b = Builder::new(&recs_cfg);
-        let stats = replay::read_all(&kafka, &topic, &limits, &cancel, |e| b.add(&e), progress)?;
-        let replay_secs = started.elapsed().as_secs_f64();
-        let c = b.finish();
-        let rank_secs = started.elapsed().as_secs_f64() - replay_secs;
-        anyhow::Ok((c, stats, replay_secs, rank_secs))
+    let started = std::time::Instant::now();
+    let (ranker, stats) = tokio::task::spawn_blocking(move || {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<FoldBatch>(64);
+        let folder = std::thread::Builder::new()
+            .name("rebuild-fold".into())
+            .spawn(move || {
+                let mut b = Builder::new(&recs_cfg);
+                for batch in rx {
+                    batch.fold_into(&mut b);
+                }
+                b
+            })
+            .context("starting the fold thread")?;
+        let mut batch = FoldBatch::with_capacity(FOLD_BATCH);
+        let read = replay::read_all(
+            &kafka,
+            &topic,
+            &limits,
+            &cancel,
+            |e| {
+                batch.push(&e);
+                // Sent by count, or by size (offsets are u32; ids can be
+                // as long as a message).
+                if batch.rows.len() >= FOLD_BATCH || batch.text.len() >= 1 << 26 {
+                    let full = std::mem::replace(&mut batch, FoldBatch::with_capacity(FOLD_BATCH));
+                    // Fails only when the fold thread is gone (a panic,
+                    // reported by the join below).
+                    let _ = tx.send(full);
+                }
+            },
+            progress,
+        );
+        if !batch.rows.is_empty() {
+            let _ = tx.send(batch);
+        }
+        drop(tx);
+        let b = folder
+            .join()
+            .map_err(|_| anyhow::anyhow!("the rebuild's fold thread panicked"))?;
+        let stats = read?;
+        anyhow::Ok((b.into_ranker(), stats))
     })
     .await
     .context("rebuild task")??;
+    let replay_secs = started.elapsed().as_secs_f64();
     let started = std::time::Instant::now();
-    let meta = publish::publish(cfg, &candidates, stats.ranges.clone(), crate::now_ms()).await?;
+    let ranker = std::sync::Arc::new(ranker);
+    let mut publisher =
+        publish::Publisher::start(cfg, stats.ranges.clone(), crate::now_ms()).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<UserRecs>>(2);
+    let r = ranker.clone();
+    let ranking = tokio::task::spawn_blocking(move || {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let busy = std::time::Instant::now();
+        let n = r.user_count();
+        let mut from = 0;
+        while from < n {
+            let to = (from + RANK_CHUNK).min(n);
+            if tx.blocking_send(r.rank(from..to, threads)).is_err() {
+                break; // the publisher failed; its error is reported
+            }
+            from = to;
+        }
+        busy.elapsed().as_secs_f64()
+    });
+    while let Some(chunk) = rx.recv().await {
+        publisher.users(&chunk).await?;
+    }
+    let rank_secs = ranking.await.context("ranking task")?;
+    let publish_wait = publisher.wait;
+    let neighbours = ranker.serve_neighbours();
+    let meta = publisher
+        .finish(
+            ranker.popular(),
+            &neighbours,
+            ranker.events(),
+            ranker.items(),
+        )
+        .await?;
     tracing::info!(
         replay_seconds = replay_secs,
         rank_seconds = rank_secs,
-        publish_seconds = started.elapsed().as_secs_f64(),
+        rank_and_publish_seconds = started.elapsed().as_secs_f64(),
+        publish_wait_seconds = publish_wait.as_secs_f64(),
         users = meta.users,
         "rebuild phases"
     );
@@ -109,12 +222,16 @@ struct UserState {
 /// Folds interactions, in log order, into co-occurrence counts.
 pub struct Builder {
     cfg: RecsConfig,
-    ids: HashMap<String, u32>,
+    /// Item and user indices (a fast non-cryptographic hasher: the keys
+    /// are ids from our own log, and this is the hottest lookup).
+    ids: FxHashMap<String, u32>,
     names: Vec<String>,
-    users: HashMap<String, UserState>,
-    /// Neighbours per item, weighted (a fast non-cryptographic hasher:
-    /// keys are our own item indices).
-    co: Vec<FxHashMap<u32, f64>>,
+    user_ids: FxHashMap<String, u32>,
+    users: Vec<(String, UserState)>,
+    /// Neighbours per item, weighted (f32: half the memory traffic of the
+    /// fold's hottest tables; sums of one pair stay well within its
+    /// precision for ranking).
+    co: Vec<FxHashMap<u32, f32>>,
     /// Scratch list of the items touched by one event (reused).
     touched: Vec<u32>,
     /// Decayed popularity per item (log2 scale reference below).
@@ -125,13 +242,22 @@ pub struct Builder {
     events: u64,
 }
 
+/// Growing exponential weight: 2^((t − t0) / half_life). Dividing by the
+/// weight of the newest event at the end turns it into the usual decay by
+/// age (ranking only needs the ratios).
+fn growth(t0: Option<i64>, t: i64, half_life_ms: f64) -> f64 {
+    let t0 = t0.unwrap_or(t);
+    ((t - t0) as f64 / half_life_ms).exp2()
+}
+
 impl Builder {
     pub fn new(cfg: &RecsConfig) -> Builder {
         Builder {
             cfg: cfg.clone(),
-            ids: HashMap::new(),
+            ids: FxHashMap::default(),
             names: Vec::new(),
-            users: HashMap::new(),
+            user_ids: FxHashMap::default(),
+            users: Vec::new(),
             co: Vec::new(),
             touched: Vec::new(),
             popularity: Vec::new(),
@@ -150,14 +276,6 @@ impl Builder {
         }
     }
 
-    /// Growing exponential weight: 2^((t − t0) / half_life). Dividing by
-    /// the weight of the newest event at the end turns it into the usual
-    /// decay by age (ranking only needs the ratios).
-    fn growth(&self, t: i64, half_life_ms: f64) -> f64 {
-        let t0 = self.t0.unwrap_or(t);
-        ((t - t0) as f64 / half_life_ms).exp2()
-    }
-
     fn item(&mut self, name: &str) -> u32 {
         if let Some(i) = self.ids.get(name) {
             return *i;
@@ -170,46 +288,63 @@ impl Builder {
         i
     }
 
-    /// Folds one interaction.
-    pub fn add(&mut self, ev: &Interaction) {
-        if self.t0.is_none() {
-            self.t0 = Some(ev.event_time);
+    fn user(&mut self, id: &str) -> usize {
+        if let Some(u) = self.user_ids.get(id) {
+            return *u as usize;
         }
-        self.newest = self.newest.max(ev.event_time);
-        self.events += 1;
-        let item = self.item(&ev.item_id);
-        let w = self.kind_weight(ev.kind);
-        let decay_ms = self.cfg.decay_half_life.as_millis() as f64;
-        let pop_ms = self.cfg.popular_half_life.as_millis() as f64;
-        let g = self.growth(ev.event_time, decay_ms);
-        self.popularity[item as usize] += w * self.growth(ev.event_time, pop_ms);
-        let cap = self.cfg.history_cap;
-        let max_n = self.cfg.max_neighbours;
-        let user = self
-            .users
-            .entry(ev.user_id.clone())
-            .or_insert_with(|| UserState {
+        let u = self.users.len();
+        self.user_ids.insert(id.to_string(), u as u32);
+        self.users.push((
+            id.to_string(),
+            UserState {
                 history: VecDeque::new(),
                 bought: VecDeque::new(),
-            });
-        // Co-occurrence with each distinct item of the user's recent history
-        // (at most history_cap: a linear scan beats a set here).
+            },
+        ));
+        u
+    }
+
+    /// Folds one interaction.
+    pub fn add(&mut self, ev: &Interaction) {
+        self.add_parts(&ev.user_id, &ev.item_id, ev.kind, ev.event_time);
+    }
+
+    /// Folds one interaction given by its fields.
+    pub fn add_parts(&mut self, user_id: &str, item_id: &str, kind: InteractionKind, time: i64) {
+        if self.t0.is_none() {
+            self.t0 = Some(time);
+        }
+        self.newest = self.newest.max(time);
+        self.events += 1;
+        let item = self.item(item_id);
+        let w = self.kind_weight(kind);
+        let decay_ms = self.cfg.decay_half_life.as_millis() as f64;
+        let pop_ms = self.cfg.popular_half_life.as_millis() as f64;
+        let g = growth(self.t0, time, decay_ms);
+        self.popularity[item as usize] += w * growth(self.t0, time, pop_ms);
+        let cap = self.cfg.history_cap;
+        let window = self.cfg.cooccurrence_window;
+        let max_n = self.cfg.max_neighbours;
+        let u = self.user(user_id);
+        let user = &mut self.users[u].1;
+        // Co-occurrence with each distinct item of the user's last
+        // cooccurrence_window interactions (a linear scan beats a set here).
         let mut touched = std::mem::take(&mut self.touched);
         touched.clear();
-        for &(other, ow, _) in user.history.iter().rev() {
+        for &(other, ow, _) in user.history.iter().rev().take(window) {
             if other == item || touched.contains(&other) {
                 continue;
             }
             touched.push(other);
-            let pair = w * ow * g;
+            let pair = (w * ow * g) as f32;
             *self.co[item as usize].entry(other).or_insert(0.0) += pair;
             *self.co[other as usize].entry(item).or_insert(0.0) += pair;
         }
-        user.history.push_back((item, w, ev.event_time));
+        user.history.push_back((item, w, time));
         while user.history.len() > cap {
             user.history.pop_front();
         }
-        if ev.kind == InteractionKind::Purchase && !user.bought.contains(&item) {
+        if kind == InteractionKind::Purchase && !user.bought.contains(&item) {
             user.bought.push_back(item);
             while user.bought.len() > cap {
                 user.bought.pop_front();
@@ -222,15 +357,16 @@ impl Builder {
         self.touched = touched;
     }
 
-    /// Ranks: per user, the neighbours of their history weighted by how
-    /// strongly and how recently they interacted, minus what they bought.
-    pub fn finish(self) -> Candidates {
+    /// Ends the fold: what ranking needs, with every neighbour list cut to
+    /// its `max_neighbours` strongest (ties by item index) and sorted by
+    /// item (a fixed summation order, so scores do not depend on hash
+    /// iteration order), and the users sorted by id.
+    pub fn into_ranker(self) -> Ranker {
         let decay_ms = self.cfg.decay_half_life.as_millis() as f64;
         let pop_ms = self.cfg.popular_half_life.as_millis() as f64;
-        let k = self.cfg.top_k;
-        let norm = self.growth(self.newest, decay_ms);
-        let pop_norm = self.growth(self.newest, pop_ms);
-        let popular_all = top(
+        let norm = growth(self.t0, self.newest, decay_ms);
+        let pop_norm = growth(self.t0, self.newest, pop_ms);
+        let popular = top(
             self.popularity
                 .iter()
                 .enumerate()
@@ -239,101 +375,275 @@ impl Builder {
             &self.names,
             self.cfg.popular_k,
         );
-        // Neighbour lists sorted once by item (a fixed summation order, so
-        // the scores do not depend on hash iteration order).
-        let neighbours: Vec<Vec<(u32, f64)>> = self
-            .co
-            .iter()
-            .map(|ns| {
-                let mut v: Vec<(u32, f64)> = ns.iter().map(|(n, c)| (*n, *c)).collect();
-                v.sort_unstable_by_key(|(n, _)| *n);
-                v
-            })
-            .collect();
-        let mut user_ids: Vec<&String> = self.users.keys().collect();
-        user_ids.sort_unstable();
-        let mut users = Vec::with_capacity(user_ids.len());
-        let mut cand: FxHashMap<u32, f64> = FxHashMap::default();
-        for uid in user_ids {
-            let u = &self.users[uid];
-            let mut hist: HashMap<u32, f64> = HashMap::new();
-            for &(item, w, t) in &u.history {
-                *hist.entry(item).or_insert(0.0) += w * self.growth(t, decay_ms) / norm;
-            }
-            let bought: HashSet<u32> = u.bought.iter().copied().collect();
-            cand.clear();
-            // Deterministic order of accumulation (floating point sums).
-            let mut hist: Vec<(u32, f64)> = hist.into_iter().collect();
-            hist.sort_unstable_by_key(|(i, _)| *i);
-            for (item, hw) in hist {
-                for (n, c) in &neighbours[item as usize] {
-                    if !bought.contains(n) {
-                        *cand.entry(*n).or_insert(0.0) += hw * c / norm;
-                    }
-                }
-            }
-            let (items, source) = if cand.is_empty() {
-                let items: Vec<Scored> = popular_all
-                    .iter()
-                    .filter(|s| self.ids.get(&s.item_id).is_none_or(|i| !bought.contains(i)))
-                    .take(k)
-                    .cloned()
-                    .collect();
-                (items, Source::Popular)
-            } else {
-                (top(cand.drain(), &self.names, k), Source::Batch)
-            };
-            users.push(UserRecs {
-                user_id: uid.clone(),
-                items,
-                source,
-            });
+        let max_n = self.cfg.max_neighbours;
+        // All lists in one array (an item's list is contiguous, its start
+        // in nb_start): ranking reads them at random.
+        let mut nb_start = Vec::with_capacity(self.co.len() + 1);
+        let mut nb = Vec::new();
+        nb_start.push(0u32);
+        for ns in self.co {
+            let mut v: Vec<(u32, f32)> = ns.into_iter().collect();
+            strongest(&mut v, max_n);
+            v.sort_unstable_by_key(|(n, _)| *n);
+            nb.extend(v);
+            nb_start.push(nb.len() as u32);
         }
+        let popular_idx = popular
+            .iter()
+            .map(|s| self.ids.get(&s.item_id).copied().unwrap_or(u32::MAX))
+            .collect();
+        let mut users = self.users;
+        users.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ranker {
+            cfg: self.cfg,
+            names: self.names,
+            users,
+            nb_start,
+            nb,
+            popular,
+            popular_idx,
+            t0: self.t0,
+            norm,
+            events: self.events,
+        }
+    }
+
+    /// Ranks every user at once (see [`Ranker`] for ranking in chunks).
+    pub fn finish(self) -> Candidates {
+        let r = self.into_ranker();
+        let users = r.rank(0..r.user_count(), 1);
+        Candidates {
+            users,
+            popular: r.popular.clone(),
+            neighbours: r.serve_neighbours(),
+            events: r.events,
+            items: r.names.len(),
+        }
+    }
+}
+
+/// The folded state, ready to rank: users can be ranked in chunks (in user
+/// id order) and on several threads, so publishing can start before the
+/// last user is ranked.
+pub struct Ranker {
+    cfg: RecsConfig,
+    names: Vec<String>,
+    /// Sorted by user id.
+    users: Vec<(String, UserState)>,
+    /// Item `i`'s neighbours are `nb[nb_start[i]..nb_start[i + 1]]`,
+    /// sorted by item.
+    nb_start: Vec<u32>,
+    nb: Vec<(u32, f32)>,
+    popular: Vec<Scored>,
+    /// Item indices of `popular`.
+    popular_idx: Vec<u32>,
+    t0: Option<i64>,
+    norm: f64,
+    events: u64,
+}
+
+/// Per-thread scratch of the ranking: a dense accumulator over all items
+/// and the items it touched.
+struct Scratch {
+    acc: Vec<f64>,
+    hit: Vec<bool>,
+    touched: Vec<u32>,
+    hist: Vec<(u32, f64)>,
+}
+
+impl Ranker {
+    fn neighbours(&self, item: u32) -> &[(u32, f32)] {
+        let i = item as usize;
+        &self.nb[self.nb_start[i] as usize..self.nb_start[i + 1] as usize]
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    pub fn items(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn popular(&self) -> &[Scored] {
+        &self.popular
+    }
+
+    /// Ranks the users in `range` (indices in user id order), split over
+    /// `threads` threads; the result is in user id order and the same for
+    /// any thread count.
+    pub fn rank(&self, range: std::ops::Range<usize>, threads: usize) -> Vec<UserRecs> {
+        let threads = threads.clamp(1, range.len().max(1));
+        if threads == 1 {
+            return self.rank_seq(range);
+        }
+        let per = range.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let from = range.start + t * per;
+                    let to = (from + per).min(range.end);
+                    s.spawn(move || self.rank_seq(from..to))
+                })
+                .collect();
+            let mut out = Vec::with_capacity(range.len());
+            for h in handles {
+                // A panic in a ranking thread is a bug: pass it on.
+                out.extend(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+            }
+            out
+        })
+    }
+
+    fn rank_seq(&self, range: std::ops::Range<usize>) -> Vec<UserRecs> {
+        let mut sc = Scratch {
+            acc: vec![0.0; self.names.len()],
+            hit: vec![false; self.names.len()],
+            touched: Vec::new(),
+            hist: Vec::new(),
+        };
+        self.users[range]
+            .iter()
+            .map(|(id, u)| {
+                let (items, source) = self.rank_user(u, &mut sc);
+                UserRecs {
+                    user_id: id.clone(),
+                    items,
+                    source,
+                }
+            })
+            .collect()
+    }
+
+    /// One user: the neighbours of their history weighted by how strongly
+    /// and how recently they interacted, minus what they bought.
+    fn rank_user(&self, u: &UserState, sc: &mut Scratch) -> (Vec<Scored>, Source) {
+        let decay_ms = self.cfg.decay_half_life.as_millis() as f64;
+        let k = self.cfg.top_k;
+        let norm = self.norm;
+        // History weight per item, summed in history order, by item.
+        sc.hist.clear();
+        sc.hist.extend(
+            u.history
+                .iter()
+                .map(|&(item, w, t)| (item, w * growth(self.t0, t, decay_ms) / norm)),
+        );
+        sc.hist.sort_by_key(|(i, _)| *i);
+        let bought = &u.bought;
+        sc.touched.clear();
+        let mut i = 0;
+        while i < sc.hist.len() {
+            let item = sc.hist[i].0;
+            let mut hw = 0.0;
+            while i < sc.hist.len() && sc.hist[i].0 == item {
+                hw += sc.hist[i].1;
+                i += 1;
+            }
+            for &(n, c) in self.neighbours(item) {
+                let c = f64::from(c);
+                if bought.contains(&n) {
+                    continue;
+                }
+                let slot = n as usize;
+                if !sc.hit[slot] {
+                    sc.hit[slot] = true;
+                    sc.touched.push(n);
+                }
+                sc.acc[slot] += hw * c / norm;
+            }
+        }
+        if sc.touched.is_empty() {
+            let items = self
+                .popular
+                .iter()
+                .zip(&self.popular_idx)
+                .filter(|(_, i)| !bought.contains(i))
+                .take(k)
+                .map(|(s, _)| s.clone())
+                .collect();
+            return (items, Source::Popular);
+        }
+        let acc = &mut sc.acc;
+        let hit = &mut sc.hit;
+        let list = top(
+            sc.touched.iter().map(|&n| {
+                let v = acc[n as usize];
+                acc[n as usize] = 0.0;
+                hit[n as usize] = false;
+                (n, v)
+            }),
+            &self.names,
+            k,
+        );
+        (list, Source::Batch)
+    }
+
+    /// Per item (sorted by item id), its `serve_neighbours` strongest
+    /// co-occurring items, for the serving layer's session re-ranking.
+    pub fn serve_neighbours(&self) -> Vec<(String, Vec<Scored>)> {
         let serve_n = self.cfg.serve_neighbours;
         let mut item_order: Vec<u32> = (0..self.names.len() as u32).collect();
         item_order.sort_unstable_by(|a, b| self.names[*a as usize].cmp(&self.names[*b as usize]));
-        let neighbours = item_order
+        item_order
             .into_iter()
-            .filter(|i| !neighbours[*i as usize].is_empty())
+            .filter(|i| !self.neighbours(*i).is_empty())
             .map(|i| {
                 let list = top(
-                    neighbours[i as usize].iter().map(|(n, c)| (*n, c / norm)),
+                    self.neighbours(i)
+                        .iter()
+                        .map(|(n, c)| (*n, f64::from(*c) / self.norm)),
                     &self.names,
                     serve_n,
                 );
                 (self.names[i as usize].clone(), list)
             })
-            .collect();
-        Candidates {
-            users,
-            popular: popular_all,
-            neighbours,
-            events: self.events,
-            items: self.names.len(),
-        }
+            .collect()
     }
+}
+
+/// Keeps the `max` strongest of `v` (ties by item index), in no order.
+fn strongest(v: &mut Vec<(u32, f32)>, max: usize) {
+    if v.len() <= max {
+        return;
+    }
+    let by_strength = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if max > 0 {
+        v.select_nth_unstable_by(max - 1, by_strength);
+    }
+    v.truncate(max);
 }
 
 /// Keeps the `max` strongest neighbours once a list is twice that long
 /// (amortised; ties by item index, so pruning is deterministic).
-fn prune(ns: &mut FxHashMap<u32, f64>, max: usize) {
+fn prune(ns: &mut FxHashMap<u32, f32>, max: usize) {
     if ns.len() <= 2 * max {
         return;
     }
-    let mut v: Vec<(u32, f64)> = ns.drain().collect();
-    v.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    v.truncate(max);
+    let mut v: Vec<(u32, f32)> = ns.drain().collect();
+    strongest(&mut v, max);
     ns.extend(v);
 }
 
 /// The `k` best by score, ties by item id.
 fn top(it: impl Iterator<Item = (u32, f64)>, names: &[String], k: usize) -> Vec<Scored> {
+    // Collected first: the caller's iterator may reset scratch state.
     let mut v: Vec<(u32, f64)> = it.collect();
-    v.sort_unstable_by(|a, b| {
+    let order = |a: &(u32, f64), b: &(u32, f64)| {
         b.1.total_cmp(&a.1)
             .then_with(|| names[a.0 as usize].cmp(&names[b.0 as usize]))
-    });
-    v.truncate(k);
+    };
+    if k == 0 {
+        return Vec::new();
+    }
+    if v.len() > k {
+        v.select_nth_unstable_by(k - 1, order);
+        v.truncate(k);
+    }
+    v.sort_unstable_by(order);
     v.into_iter()
         .map(|(i, s)| Scored {
             item_id: names[i as usize].clone(),

@@ -11,7 +11,7 @@ use rdkafka::producer::{FutureProducer, Producer};
 use serde::{Deserialize, Serialize};
 
 use super::replay::Range;
-use super::{Candidates, Scored, Source};
+use super::{Candidates, Scored, Source, UserRecs};
 use crate::config::Config;
 use crate::kafka::{self, produce};
 use crate::sinks::redis::{item_neighbours_key, recs_key, recs_meta_key, recs_popular_key};
@@ -42,41 +42,74 @@ pub struct Meta {
     pub digest: String,
 }
 
-/// FNV-1a 64 over the candidates' canonical text.
+/// FNV-1a 64 over the candidates (ids, sources, scores in millionths).
 pub fn digest(c: &Candidates) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |b: &[u8]| {
+    let mut d = Digest::new();
+    d.users(&c.users);
+    d.popular(&c.popular);
+    d.neighbours(&c.neighbours);
+    d.hex()
+}
+
+/// [`digest`], fed in parts: users (in order, in chunks), then the popular
+/// list, then the item neighbours.
+pub struct Digest(u64);
+
+impl Digest {
+    pub fn new() -> Digest {
+        Digest(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn feed(&mut self, b: &[u8]) {
         for x in b {
-            h ^= u64::from(*x);
-            h = h.wrapping_mul(0x0100_0000_01b3);
+            self.0 ^= u64::from(*x);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
         }
-    };
-    for u in &c.users {
-        feed(u.user_id.as_bytes());
-        feed(if u.source == Source::Batch {
-            b"B"
-        } else {
-            b"P"
-        });
-        for s in &u.items {
-            feed(s.item_id.as_bytes());
-            feed(format!("{:.6}", s.score).as_bytes());
-        }
-        feed(b"\n");
     }
-    for s in &c.popular {
-        feed(s.item_id.as_bytes());
-        feed(format!("{:.6}", s.score).as_bytes());
-    }
-    for (item, list) in &c.neighbours {
-        feed(b"\n");
-        feed(item.as_bytes());
+
+    fn scored(&mut self, list: &[Scored]) {
         for s in list {
-            feed(s.item_id.as_bytes());
-            feed(format!("{:.6}", s.score).as_bytes());
+            self.feed(s.item_id.as_bytes());
+            // Scores are rounded to 6 decimals: their millionths are exact
+            // (and far cheaper than formatting the text).
+            self.feed(&((s.score * 1e6).round() as i64).to_le_bytes());
         }
     }
-    format!("{h:016x}")
+
+    pub fn users(&mut self, users: &[UserRecs]) {
+        for u in users {
+            self.feed(u.user_id.as_bytes());
+            self.feed(if u.source == Source::Batch {
+                b"B"
+            } else {
+                b"P"
+            });
+            self.scored(&u.items);
+            self.feed(b"\n");
+        }
+    }
+
+    pub fn popular(&mut self, popular: &[Scored]) {
+        self.scored(popular);
+    }
+
+    pub fn neighbours(&mut self, neighbours: &[(String, Vec<Scored>)]) {
+        for (item, list) in neighbours {
+            self.feed(b"\n");
+            self.feed(item.as_bytes());
+            self.scored(list);
+        }
+    }
+
+    pub fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+impl Default for Digest {
+    fn default() -> Self {
+        Digest::new()
+    }
 }
 
 async fn redis_conn(cfg: &Config) -> anyhow::Result<redis::aio::MultiplexedConnection> {
@@ -115,6 +148,26 @@ fn hset_generation(
 }
 
 /// Publishes `c` as the next generation; returns its `recs:meta`.
+pub async fn publish(
+    cfg: &Config,
+    c: &Candidates,
+    offsets: Vec<Range>,
+    built_at: i64,
+) -> anyhow::Result<Meta> {
+    let mut p = Publisher::start(cfg, offsets, built_at).await?;
+    p.users(&c.users).await?;
+    p.finish(&c.popular, &c.neighbours, c.events, c.items).await
+}
+
+/// Users per chunk: their topic records are produced together, and once
+/// all are delivered their Redis values go in one pipeline.
+const CHUNK: usize = 1_000;
+/// Chunks that may be in flight at once (20,000 users: bounded memory,
+/// and librdkafka batches meanwhile).
+const CHUNKS_IN_FLIGHT: usize = 20;
+
+/// Publishes one generation in parts: [`Publisher::users`] for each chunk
+/// of users (in user id order), then [`Publisher::finish`].
 ///
 /// Every Redis value of a generation is a field named by the generation
 /// number in a hash (`recs:{user}`, `recs:popular`,
@@ -126,134 +179,218 @@ fn hset_generation(
 /// never sees half of one. Without it (brokers without transactions) a dead
 /// rebuild leaves part of its generation on the topic, recognisable by a
 /// `generation` above the one `recs:meta` names.
-pub async fn publish(
-    cfg: &Config,
-    c: &Candidates,
-    offsets: Vec<Range>,
+pub struct Publisher {
+    con: redis::aio::MultiplexedConnection,
+    producer: FutureProducer,
+    transactional: bool,
+    topic: String,
+    prefix: String,
+    generation: u64,
     built_at: i64,
-) -> anyhow::Result<Meta> {
-    let prefix = &cfg.redis.key_prefix;
-    let mut con = redis_conn(cfg).await?;
-    let generation = super::store::read_meta(&mut con, prefix)
-        .await?
-        .map_or(1, |m| m.generation + 1);
-    let topic = cfg.topic(topics::RECOMMENDATIONS);
-    let transactional = cfg.recs.topic_transactions;
-    let producer = if transactional {
-        let p = transactional_producer(cfg).await?;
-        p.begin_transaction()
-            .context("beginning the recommendations transaction")?;
-        p
-    } else {
-        kafka::producer_config(&cfg.kafka)
-            .create()
-            .context("creating the Kafka producer")?
-    };
-    let ttl = cfg.recs.ttl.as_secs().max(1);
-    let kafka_timeout = Duration::from_secs(30);
-    // Topic and Redis, in chunks (bounded memory), every write acknowledged.
-    for chunk in c.users.chunks(1_000) {
-        let mut futs = Vec::with_capacity(chunk.len());
-        let mut pipe = redis::pipe();
-        for u in chunk {
-            let rec = RecRecord {
-                user_id: &u.user_id,
-                items: &u.items,
-                source: u.source,
-                generation,
-                built_at,
-                offsets: &offsets,
-            };
-            let json = serde_json::to_vec(&rec).context("serialising a recommendation")?;
-            futs.push(
-                produce::enqueue(&producer, &topic, u.user_id.as_bytes(), &json, None)
+    offsets: Vec<Range>,
+    ttl: u64,
+    digest: Digest,
+    users: usize,
+    /// Chunks in flight: each task awaits its topic deliveries, then
+    /// writes its Redis pipeline (Redis never holds a value whose topic
+    /// record was not delivered), while the next users are serialised.
+    in_flight: std::collections::VecDeque<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// Time spent waiting for chunks in flight (topic and Redis).
+    pub wait: Duration,
+}
+
+impl Publisher {
+    /// Reads the current generation from Redis and opens the topic's
+    /// producer (and transaction) for the next one.
+    pub async fn start(cfg: &Config, offsets: Vec<Range>, built_at: i64) -> anyhow::Result<Self> {
+        let prefix = cfg.redis.key_prefix.clone();
+        let mut con = redis_conn(cfg).await?;
+        let generation = super::store::read_meta(&mut con, &prefix)
+            .await?
+            .map_or(1, |m| m.generation + 1);
+        let transactional = cfg.recs.topic_transactions;
+        let producer = if transactional {
+            let p = transactional_producer(cfg).await?;
+            p.begin_transaction()
+                .context("beginning the recommendations transaction")?;
+            p
+        } else {
+            kafka::producer_config(&cfg.kafka)
+                .create()
+                .context("creating the Kafka producer")?
+        };
+        Ok(Publisher {
+            con,
+            producer,
+            transactional,
+            topic: cfg.topic(topics::RECOMMENDATIONS),
+            prefix,
+            generation,
+            built_at,
+            offsets,
+            ttl: cfg.recs.ttl.as_secs().max(1),
+            digest: Digest::new(),
+            users: 0,
+            in_flight: std::collections::VecDeque::new(),
+            wait: Duration::ZERO,
+        })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The next users (in user id order) to the topic and Redis, in
+    /// chunks of 1,000; at most 20 chunks unfinished.
+    pub async fn users(&mut self, users: &[UserRecs]) -> anyhow::Result<()> {
+        self.digest.users(users);
+        self.users += users.len();
+        for chunk in users.chunks(CHUNK) {
+            let mut pipe = redis::pipe();
+            let mut deliveries = Vec::with_capacity(chunk.len());
+            for u in chunk {
+                let rec = RecRecord {
+                    user_id: &u.user_id,
+                    items: &u.items,
+                    source: u.source,
+                    generation: self.generation,
+                    built_at: self.built_at,
+                    offsets: &self.offsets,
+                };
+                let json = serde_json::to_vec(&rec).context("serialising a recommendation")?;
+                deliveries.push(
+                    produce::enqueue(
+                        &self.producer,
+                        &self.topic,
+                        u.user_id.as_bytes(),
+                        &json,
+                        None,
+                    )
                     .await
-                    .with_context(|| format!("producing to {topic}"))?,
-            );
-            hset_generation(
-                &mut pipe,
-                recs_key(prefix, &u.user_id),
-                generation,
-                &json,
-                ttl,
-            );
+                    .with_context(|| format!("producing to {}", self.topic))?,
+                );
+                hset_generation(
+                    &mut pipe,
+                    recs_key(&self.prefix, &u.user_id),
+                    self.generation,
+                    &json,
+                    self.ttl,
+                );
+            }
+            let mut con = self.con.clone();
+            let topic = self.topic.clone();
+            self.in_flight.push_back(tokio::spawn(async move {
+                for f in deliveries {
+                    produce::acknowledged(f)
+                        .await
+                        .with_context(|| format!("delivering to {topic}"))?;
+                }
+                pipe.query_async::<()>(&mut con)
+                    .await
+                    .context("writing recs:{user} to Redis")
+            }));
+            let t = std::time::Instant::now();
+            while self.in_flight.len() > CHUNKS_IN_FLIGHT {
+                self.oldest_done().await?;
+            }
+            self.wait += t.elapsed();
         }
-        for f in futs {
-            produce::acknowledged(f)
+        Ok(())
+    }
+
+    /// Waits for the oldest chunk in flight.
+    async fn oldest_done(&mut self) -> anyhow::Result<()> {
+        if let Some(h) = self.in_flight.pop_front() {
+            h.await.context("publishing task")??;
+        }
+        Ok(())
+    }
+
+    /// Item neighbours and the popular list to Redis, every topic record
+    /// acknowledged (and the transaction committed), then `recs:meta`.
+    pub async fn finish(
+        mut self,
+        popular: &[Scored],
+        neighbours: &[(String, Vec<Scored>)],
+        events: u64,
+        items: usize,
+    ) -> anyhow::Result<Meta> {
+        let (generation, ttl, prefix) = (self.generation, self.ttl, self.prefix.clone());
+        while !self.in_flight.is_empty() {
+            self.oldest_done().await?;
+        }
+        for chunk in neighbours.chunks(1_000) {
+            let mut pipe = redis::pipe();
+            for (item, list) in chunk {
+                let json = serde_json::to_vec(list).context("serialising neighbours")?;
+                hset_generation(
+                    &mut pipe,
+                    item_neighbours_key(&prefix, item),
+                    generation,
+                    &json,
+                    ttl,
+                );
+            }
+            pipe.query_async::<()>(&mut self.con)
                 .await
-                .with_context(|| format!("delivering to {topic}"))?;
+                .context("writing item neighbours to Redis")?;
         }
-        pipe.query_async::<()>(&mut con)
-            .await
-            .context("writing recs:{user} to Redis")?;
-    }
-    for chunk in c.neighbours.chunks(1_000) {
+        let popular_json = serde_json::json!({
+            "items": popular,
+            "source": "popular",
+            "generation": generation,
+            "built_at": self.built_at,
+        });
         let mut pipe = redis::pipe();
-        for (item, list) in chunk {
-            let json = serde_json::to_vec(list).context("serialising neighbours")?;
-            hset_generation(
-                &mut pipe,
-                item_neighbours_key(prefix, item),
-                generation,
-                &json,
-                ttl,
-            );
+        hset_generation(
+            &mut pipe,
+            recs_popular_key(&prefix),
+            generation,
+            popular_json.to_string().as_bytes(),
+            ttl,
+        );
+        pipe.query_async::<()>(&mut self.con)
+            .await
+            .context("writing recs:popular")?;
+        // The topic's generation becomes visible, then Redis' (a crash
+        // between the two leaves Redis one generation behind the topic,
+        // never ahead).
+        let kafka_timeout = Duration::from_secs(30);
+        let p = self.producer.clone();
+        if self.transactional {
+            tokio::task::spawn_blocking(move || p.commit_transaction(kafka_timeout))
+                .await
+                .context("commit task")?
+                .context(
+                    "committing the recommendations transaction (a broker without transactions needs recs.topic_transactions = false)",
+                )?;
+        } else {
+            tokio::task::spawn_blocking(move || p.flush(kafka_timeout))
+                .await
+                .context("flush task")?
+                .context("flushing the recommendations producer")?;
         }
-        pipe.query_async::<()>(&mut con)
+        self.digest.popular(popular);
+        self.digest.neighbours(neighbours);
+        let meta = Meta {
+            generation,
+            built_at: self.built_at,
+            offsets: self.offsets,
+            users: self.users,
+            events,
+            items,
+            digest: self.digest.hex(),
+        };
+        redis::cmd("SET")
+            .arg(recs_meta_key(&prefix))
+            .arg(serde_json::to_string(&meta).context("serialising recs:meta")?)
+            .arg("EX")
+            .arg(ttl)
+            .query_async::<()>(&mut self.con)
             .await
-            .context("writing item neighbours to Redis")?;
+            .context("writing recs:meta")?;
+        Ok(meta)
     }
-    let popular = serde_json::json!({
-        "items": c.popular,
-        "source": "popular",
-        "generation": generation,
-        "built_at": built_at,
-    });
-    let mut pipe = redis::pipe();
-    hset_generation(
-        &mut pipe,
-        recs_popular_key(prefix),
-        generation,
-        popular.to_string().as_bytes(),
-        ttl,
-    );
-    pipe.query_async::<()>(&mut con)
-        .await
-        .context("writing recs:popular")?;
-    // The topic's generation becomes visible, then Redis' (a crash between
-    // the two leaves Redis one generation behind the topic, never ahead).
-    let p = producer.clone();
-    if transactional {
-        tokio::task::spawn_blocking(move || p.commit_transaction(kafka_timeout))
-            .await
-            .context("commit task")?
-            .context(
-                "committing the recommendations transaction (a broker without transactions needs recs.topic_transactions = false)",
-            )?;
-    } else {
-        tokio::task::spawn_blocking(move || p.flush(kafka_timeout))
-            .await
-            .context("flush task")?
-            .context("flushing the recommendations producer")?;
-    }
-    let meta = Meta {
-        generation,
-        built_at,
-        offsets,
-        users: c.users.len(),
-        events: c.events,
-        items: c.items,
-        digest: digest(c),
-    };
-    redis::cmd("SET")
-        .arg(recs_meta_key(prefix))
-        .arg(serde_json::to_string(&meta).context("serialising recs:meta")?)
-        .arg("EX")
-        .arg(ttl)
-        .query_async::<()>(&mut con)
-        .await
-        .context("writing recs:meta")?;
-    Ok(meta)
 }
 
 /// The producer of the `recommendations` topic: transactional, with a fixed

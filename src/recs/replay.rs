@@ -13,7 +13,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::KafkaConfig;
-use crate::events::{self, Interaction, Limits};
+use crate::events::{self, InteractionRef, Limits};
 
 /// The log range one partition contributed (`to` exclusive).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -51,7 +51,7 @@ pub fn read_all(
     topic: &str,
     limits: &Limits,
     cancel: &std::sync::atomic::AtomicBool,
-    mut fold: impl FnMut(Interaction),
+    mut fold: impl FnMut(InteractionRef<'_>),
     mut progress: impl FnMut(u64, u64),
 ) -> anyhow::Result<ReplayStats> {
     let group = format!("streamscore-rebuild-{}", std::process::id());
@@ -85,6 +85,7 @@ pub fn read_all(
             c.assign(&tpl).context("assigning a partition to replay")?;
             let mut next = low;
             let mut last_msg = Instant::now();
+            let mut idle = false;
             let mut reached: Option<Instant> = None;
             loop {
                 if cancel.load(std::sync::atomic::Ordering::Relaxed) {
@@ -97,10 +98,19 @@ pub fn read_all(
                             continue; // delivered again
                         }
                         next = m.offset() + 1;
-                        last_msg = Instant::now();
                         done += 1;
-                        match events::parse_interaction(m.payload().unwrap_or_default(), 0, &limits)
-                        {
+                        // The clock only now and then while messages
+                        // stream (reading it per message was 2.4 % of a
+                        // rebuild's CPU); always after an empty poll.
+                        if idle || done % 1024 == 0 || next >= high {
+                            last_msg = Instant::now();
+                            idle = false;
+                        }
+                        match events::parse_interaction_ref(
+                            m.payload().unwrap_or_default(),
+                            0,
+                            &limits,
+                        ) {
                             Ok(ev) => {
                                 stats.events += 1;
                                 fold(ev);
@@ -110,12 +120,14 @@ pub fn read_all(
                         if next >= high && reached.is_none() {
                             reached = Some(Instant::now());
                         }
-                        if last_progress.elapsed() >= Duration::from_millis(500) {
+                        if done % 1024 == 0 && last_progress.elapsed() >= Duration::from_millis(500)
+                        {
                             progress(done, total);
                             last_progress = Instant::now();
                         }
                     }
                     None => {
+                        idle = true;
                         if let Some(r) = reached {
                             if last_msg.elapsed() >= TAIL_GAP || r.elapsed() >= TAIL_MAX {
                                 break;

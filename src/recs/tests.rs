@@ -84,7 +84,51 @@ fn neighbour_lists_stay_bounded() {
         b.add(&e);
     }
     assert!(b.co.iter().all(|ns| ns.len() <= 10));
-    assert!(b.users.values().all(|u| u.history.len() <= cfg.history_cap));
+    assert!(b
+        .users
+        .iter()
+        .all(|(_, u)| u.history.len() <= cfg.history_cap));
+    // Ranking uses the max_neighbours strongest of each list.
+    let r = b.into_ranker();
+    let lists: Vec<&[(u32, f32)]> = (0..r.items() as u32).map(|i| r.neighbours(i)).collect();
+    assert!(lists.iter().all(|ns| ns.len() <= 5));
+    assert!(lists.iter().filter(|ns| ns.len() == 5).count() > 100);
+    assert!(lists
+        .iter()
+        .all(|ns| ns.windows(2).all(|w| w[0].0 < w[1].0)));
+}
+
+#[test]
+fn ranking_in_chunks_on_threads_equals_ranking_at_once() {
+    let events: Vec<Interaction> =
+        InteractionGenerator::new(6, 3_000, 2_000, 1_764_000_000_000, 50.0)
+            .take(30_000)
+            .collect();
+    let whole = build(&events);
+    let mut b = Builder::new(&RecsConfig::default());
+    for e in &events {
+        b.add(e);
+    }
+    let r = b.into_ranker();
+    let n = r.user_count();
+    assert_eq!(n, whole.users.len());
+    for threads in [1, 2, 3] {
+        let mut users = Vec::new();
+        let mut digest = publish::Digest::new();
+        let mut from = 0;
+        while from < n {
+            let to = (from + 701).min(n);
+            let chunk = r.rank(from..to, threads);
+            digest.users(&chunk);
+            users.extend(chunk);
+            from = to;
+        }
+        assert_eq!(users, whole.users, "{threads} threads");
+        digest.popular(r.popular());
+        digest.neighbours(&r.serve_neighbours());
+        assert_eq!(digest.hex(), publish::digest(&whole), "{threads} threads");
+    }
+    assert!(whole.users.iter().any(|u| u.source == Source::Batch));
 }
 
 #[test]
