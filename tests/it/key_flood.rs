@@ -60,6 +60,7 @@ fn flood_chunks() -> impl Iterator<Item = Vec<(String, Vec<u8>)>> {
 
 #[test]
 fn a_flood_of_distinct_users_stays_within_the_key_limit() {
+    let _heavy = heavy();
     let broker = OwnBroker::start_in_memory();
     use_own_broker(&broker.brokers());
     let env = TestEnv::new("key-flood", "");

@@ -12,6 +12,7 @@ const N: usize = 20_000;
 
 #[test]
 fn second_instance_joins_first_leaves_nothing_lost_user_features_exact() {
+    let _heavy = heavy();
     let env = TestEnv::dynamic("rebalance");
     let txns = live_txns(33, N, 2_000, 100, 100.0);
     let want = reference_features(&txns);

@@ -106,6 +106,7 @@ fn table_differences(port: u16, want: &HashMap<String, [f32; N_FEATURES]>, at: i
 
 #[test]
 fn three_instances_merchant_features_from_the_replicated_table() {
+    let _heavy = heavy();
     let env = TestEnv::dynamic_with_partitions(
         "scaleout",
         "[merchants]\npublish_interval = \"200ms\"\n",
