@@ -7,13 +7,18 @@
 //! item id and users are emitted sorted by id, so the same log range gives
 //! byte-identical output.
 
+mod eval;
 pub mod hybrid;
 pub mod periodic;
 pub mod publish;
+mod rebuild;
 pub mod replay;
 pub mod store;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+pub use eval::{evaluate, holdout_eval, Quality};
+pub use rebuild::rebuild_once;
+
+use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap;
 
@@ -21,156 +26,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::RecsConfig;
 use crate::events::{Interaction, InteractionKind};
-
-/// Parsed interactions handed from the replay to the fold thread at once.
-const FOLD_BATCH: usize = 4_096;
-
-/// A batch of parsed interactions for the fold thread: their ids in one
-/// buffer (no allocation per event, none freed across threads).
-#[derive(Default)]
-struct FoldBatch {
-    text: String,
-    /// End of the user id and of the item id in `text` (each row starts
-    /// where the previous one ended), kind, event time.
-    rows: Vec<(u32, u32, InteractionKind, i64)>,
-}
-
-impl FoldBatch {
-    fn with_capacity(n: usize) -> FoldBatch {
-        FoldBatch {
-            text: String::with_capacity(n * 24),
-            rows: Vec::with_capacity(n),
-        }
-    }
-
-    fn push(&mut self, e: &crate::events::InteractionRef<'_>) {
-        self.text.push_str(&e.user_id);
-        let user_end = self.text.len() as u32;
-        self.text.push_str(&e.item_id);
-        self.rows
-            .push((user_end, self.text.len() as u32, e.kind, e.event_time));
-    }
-
-    fn fold_into(&self, b: &mut Builder) {
-        let mut start = 0usize;
-        for &(user_end, item_end, kind, time) in &self.rows {
-            let (u, i) = (user_end as usize, item_end as usize);
-            b.add_parts(&self.text[start..u], &self.text[u..i], kind, time);
-            start = i;
-        }
-    }
-}
-/// Users ranked per chunk handed to the publisher.
-const RANK_CHUNK: usize = 10_000;
-
-/// One rebuild: replays the whole `interactions` log, ranks, and publishes
-/// the next generation. `progress(done, total)` is called now and then
-/// from the replay thread; setting `cancel` aborts the replay (nothing is
-/// published then, the previous generation stays).
-///
-/// Three stages overlap: the replay thread reads and parses while a fold
-/// thread folds (bounded channel); then ranking threads rank users in
-/// chunks, in user id order, while the publisher writes the previous chunk
-/// to the topic and Redis.
-pub async fn rebuild_once(
-    cfg: &crate::config::Config,
-    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    progress: impl FnMut(u64, u64) + Send + 'static,
-) -> anyhow::Result<(publish::Meta, replay::ReplayStats)> {
-    use anyhow::Context;
-    let kafka = cfg.kafka.clone();
-    let topic = cfg.topic(crate::topics::INTERACTIONS);
-    let limits = crate::events::Limits::from_config(&cfg.processing);
-    let recs_cfg = cfg.recs.clone();
-    let started = std::time::Instant::now();
-    let (ranker, stats) = tokio::task::spawn_blocking(move || {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<FoldBatch>(64);
-        let folder = std::thread::Builder::new()
-            .name("rebuild-fold".into())
-            .spawn(move || {
-                let mut b = Builder::new(&recs_cfg);
-                for batch in rx {
-                    batch.fold_into(&mut b);
-                }
-                b
-            })
-            .context("starting the fold thread")?;
-        let mut batch = FoldBatch::with_capacity(FOLD_BATCH);
-        let read = replay::read_all(
-            &kafka,
-            &topic,
-            &limits,
-            &cancel,
-            |e| {
-                batch.push(&e);
-                // Sent by count, or by size (offsets are u32; ids can be
-                // as long as a message).
-                if batch.rows.len() >= FOLD_BATCH || batch.text.len() >= 1 << 26 {
-                    let full = std::mem::replace(&mut batch, FoldBatch::with_capacity(FOLD_BATCH));
-                    // Fails only when the fold thread is gone (a panic,
-                    // reported by the join below).
-                    let _ = tx.send(full);
-                }
-            },
-            progress,
-        );
-        if !batch.rows.is_empty() {
-            let _ = tx.send(batch);
-        }
-        drop(tx);
-        let b = folder
-            .join()
-            .map_err(|_| anyhow::anyhow!("the rebuild's fold thread panicked"))?;
-        let stats = read?;
-        anyhow::Ok((b.into_ranker(), stats))
-    })
-    .await
-    .context("rebuild task")??;
-    let replay_secs = started.elapsed().as_secs_f64();
-    let started = std::time::Instant::now();
-    let ranker = std::sync::Arc::new(ranker);
-    let mut publisher =
-        publish::Publisher::start(cfg, stats.ranges.clone(), crate::now_ms()).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<UserRecs>>(2);
-    let r = ranker.clone();
-    let ranking = tokio::task::spawn_blocking(move || {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let busy = std::time::Instant::now();
-        let n = r.user_count();
-        let mut from = 0;
-        while from < n {
-            let to = (from + RANK_CHUNK).min(n);
-            if tx.blocking_send(r.rank(from..to, threads)).is_err() {
-                break; // the publisher failed; its error is reported
-            }
-            from = to;
-        }
-        busy.elapsed().as_secs_f64()
-    });
-    while let Some(chunk) = rx.recv().await {
-        publisher.users(&chunk).await?;
-    }
-    let rank_secs = ranking.await.context("ranking task")?;
-    let publish_wait = publisher.wait;
-    let neighbours = ranker.serve_neighbours();
-    let meta = publisher
-        .finish(
-            ranker.popular(),
-            &neighbours,
-            ranker.events(),
-            ranker.items(),
-        )
-        .await?;
-    tracing::info!(
-        replay_seconds = replay_secs,
-        rank_seconds = rank_secs,
-        rank_and_publish_seconds = started.elapsed().as_secs_f64(),
-        publish_wait_seconds = publish_wait.as_secs_f64(),
-        users = meta.users,
-        "rebuild phases"
-    );
-    Ok((meta, stats))
-}
 
 /// One recommended item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -655,73 +510,6 @@ fn top(it: impl Iterator<Item = (u32, f64)>, names: &[String], k: usize) -> Vec<
 /// Scores are rounded so their text form is stable and short.
 fn round6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
-}
-
-/// Offline quality: recall@k and NDCG@k of held-out items.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Quality {
-    pub users: usize,
-    pub recall: f64,
-    pub ndcg: f64,
-}
-
-/// Scores ranked lists against one held-out item per user.
-pub fn evaluate<'a>(lists: impl Iterator<Item = (&'a [Scored], &'a str)>, k: usize) -> Quality {
-    let (mut n, mut hits, mut dcg) = (0usize, 0usize, 0.0f64);
-    for (list, held) in lists {
-        n += 1;
-        if let Some(pos) = list.iter().take(k).position(|s| s.item_id == held) {
-            hits += 1;
-            dcg += 1.0 / ((pos + 2) as f64).log2();
-        }
-    }
-    let d = n.max(1) as f64;
-    Quality {
-        users: n,
-        recall: hits as f64 / d,
-        ndcg: dcg / d,
-    }
-}
-
-/// Holds out each user's last interaction (of users with at least two),
-/// builds on the rest, and measures the candidates and the popularity list
-/// against the held-out items: (candidates, popular).
-pub fn holdout_eval(events: &[Interaction], cfg: &RecsConfig) -> (Quality, Quality) {
-    let mut last: HashMap<&str, usize> = HashMap::new();
-    let mut count: HashMap<&str, usize> = HashMap::new();
-    for (i, e) in events.iter().enumerate() {
-        last.insert(&e.user_id, i);
-        *count.entry(&e.user_id).or_insert(0) += 1;
-    }
-    let held: HashSet<usize> = last
-        .iter()
-        .filter(|(u, _)| count[*u] >= 2)
-        .map(|(_, i)| *i)
-        .collect();
-    let mut b = Builder::new(cfg);
-    for (i, e) in events.iter().enumerate() {
-        if !held.contains(&i) {
-            b.add(e);
-        }
-    }
-    let c = b.finish();
-    let by_user: HashMap<&str, &UserRecs> =
-        c.users.iter().map(|u| (u.user_id.as_str(), u)).collect();
-    let mut held: Vec<usize> = held.into_iter().collect();
-    held.sort_unstable();
-    let pairs: Vec<(&[Scored], &str)> = held
-        .iter()
-        .filter_map(|i| {
-            let e = &events[*i];
-            by_user
-                .get(e.user_id.as_str())
-                .map(|u| (u.items.as_slice(), e.item_id.as_str()))
-        })
-        .collect();
-    let k = cfg.top_k;
-    let cands = evaluate(pairs.iter().copied(), k);
-    let popular = evaluate(pairs.iter().map(|(_, h)| (c.popular.as_slice(), *h)), k);
-    (cands, popular)
 }
 
 #[cfg(test)]

@@ -147,18 +147,6 @@ fn hset_generation(
     pipe.cmd("EXPIRE").arg(key).arg(ttl).ignore();
 }
 
-/// Publishes `c` as the next generation; returns its `recs:meta`.
-pub async fn publish(
-    cfg: &Config,
-    c: &Candidates,
-    offsets: Vec<Range>,
-    built_at: i64,
-) -> anyhow::Result<Meta> {
-    let mut p = Publisher::start(cfg, offsets, built_at).await?;
-    p.users(&c.users).await?;
-    p.finish(&c.popular, &c.neighbours, c.events, c.items).await
-}
-
 /// Users per chunk: their topic records are produced together, and once
 /// all are delivered their Redis values go in one pipeline.
 const CHUNK: usize = 1_000;

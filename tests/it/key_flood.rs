@@ -8,8 +8,6 @@
 
 use std::time::Duration;
 
-use streamscore::generate::{GenOptions, TxnGenerator};
-
 use super::util::*;
 
 const N: usize = 3_000_000;
@@ -31,17 +29,7 @@ fn rss_kb(pid: u32) -> u64 {
 /// process): event `i` belongs to user `flood-user-{i}`, in event-time
 /// order ending about now.
 fn flood_chunks() -> impl Iterator<Item = Vec<(String, Vec<u8>)>> {
-    let gap_ms = 1.0;
-    let mut gen = TxnGenerator::new(GenOptions {
-        seed: 51,
-        users: 1_000,
-        merchants: 500,
-        fraud_rate: 0.01,
-        mean_gap_ms: gap_ms,
-        start_ms: streamscore::now_ms() - (N as f64 * gap_ms) as i64,
-    })
-    .take(N)
-    .enumerate();
+    let mut gen = live_txn_stream(51, N, 1_000, 500, 1.0).enumerate();
     std::iter::from_fn(move || {
         let chunk: Vec<_> = gen
             .by_ref()

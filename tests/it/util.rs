@@ -806,6 +806,18 @@ pub fn live_txns(
     merchants: usize,
     gap_ms: f64,
 ) -> Vec<streamscore::events::Transaction> {
+    live_txn_stream(seed, n, users, merchants, gap_ms).collect()
+}
+
+/// [`live_txns`], generated as they are taken (for streams too large to
+/// hold at once).
+pub fn live_txn_stream(
+    seed: u64,
+    n: usize,
+    users: usize,
+    merchants: usize,
+    gap_ms: f64,
+) -> impl Iterator<Item = streamscore::events::Transaction> {
     use streamscore::generate::{GenOptions, TxnGenerator};
     TxnGenerator::new(GenOptions {
         seed,
@@ -816,7 +828,6 @@ pub fn live_txns(
         start_ms: streamscore::now_ms() - (n as f64 * gap_ms) as i64,
     })
     .take(n)
-    .collect()
 }
 
 /// Waits until the `streamscore run` serving `metrics_url` has scored at

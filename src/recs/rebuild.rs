@@ -1,0 +1,155 @@
+//! One rebuild end to end: replay ∥ fold, then rank ∥ publish
+//! (docs/RECOMMENDATIONS.md, "How a rebuild runs").
+
+use super::{publish, replay, Builder, UserRecs};
+use crate::events::InteractionKind;
+
+/// Parsed interactions handed from the replay to the fold thread at once.
+const FOLD_BATCH: usize = 4_096;
+
+/// A batch of parsed interactions for the fold thread: their ids in one
+/// buffer (no allocation per event, none freed across threads).
+#[derive(Default)]
+struct FoldBatch {
+    text: String,
+    /// End of the user id and of the item id in `text` (each row starts
+    /// where the previous one ended), kind, event time.
+    rows: Vec<(u32, u32, InteractionKind, i64)>,
+}
+
+impl FoldBatch {
+    fn with_capacity(n: usize) -> FoldBatch {
+        FoldBatch {
+            text: String::with_capacity(n * 24),
+            rows: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, e: &crate::events::InteractionRef<'_>) {
+        self.text.push_str(&e.user_id);
+        let user_end = self.text.len() as u32;
+        self.text.push_str(&e.item_id);
+        self.rows
+            .push((user_end, self.text.len() as u32, e.kind, e.event_time));
+    }
+
+    fn fold_into(&self, b: &mut Builder) {
+        let mut start = 0usize;
+        for &(user_end, item_end, kind, time) in &self.rows {
+            let (u, i) = (user_end as usize, item_end as usize);
+            b.add_parts(&self.text[start..u], &self.text[u..i], kind, time);
+            start = i;
+        }
+    }
+}
+/// Users ranked per chunk handed to the publisher.
+const RANK_CHUNK: usize = 10_000;
+
+/// One rebuild: replays the whole `interactions` log, ranks, and publishes
+/// the next generation. `progress(done, total)` is called now and then
+/// from the replay thread; setting `cancel` aborts the replay (nothing is
+/// published then, the previous generation stays).
+///
+/// Three stages overlap: the replay thread reads and parses while a fold
+/// thread folds (bounded channel); then ranking threads rank users in
+/// chunks, in user id order, while the publisher writes the previous chunk
+/// to the topic and Redis.
+pub async fn rebuild_once(
+    cfg: &crate::config::Config,
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    progress: impl FnMut(u64, u64) + Send + 'static,
+) -> anyhow::Result<(publish::Meta, replay::ReplayStats)> {
+    use anyhow::Context;
+    let kafka = cfg.kafka.clone();
+    let topic = cfg.topic(crate::topics::INTERACTIONS);
+    let limits = crate::events::Limits::from_config(&cfg.processing);
+    let recs_cfg = cfg.recs.clone();
+    let started = std::time::Instant::now();
+    let (ranker, stats) = tokio::task::spawn_blocking(move || {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<FoldBatch>(64);
+        let folder = std::thread::Builder::new()
+            .name("rebuild-fold".into())
+            .spawn(move || {
+                let mut b = Builder::new(&recs_cfg);
+                for batch in rx {
+                    batch.fold_into(&mut b);
+                }
+                b
+            })
+            .context("starting the fold thread")?;
+        let mut batch = FoldBatch::with_capacity(FOLD_BATCH);
+        let read = replay::read_all(
+            &kafka,
+            &topic,
+            &limits,
+            &cancel,
+            |e| {
+                batch.push(&e);
+                // Sent by count, or by size (offsets are u32; ids can be
+                // as long as a message).
+                if batch.rows.len() >= FOLD_BATCH || batch.text.len() >= 1 << 26 {
+                    let full = std::mem::replace(&mut batch, FoldBatch::with_capacity(FOLD_BATCH));
+                    // Fails only when the fold thread is gone (a panic,
+                    // reported by the join below).
+                    let _ = tx.send(full);
+                }
+            },
+            progress,
+        );
+        if !batch.rows.is_empty() {
+            let _ = tx.send(batch);
+        }
+        drop(tx);
+        let b = folder
+            .join()
+            .map_err(|_| anyhow::anyhow!("the rebuild's fold thread panicked"))?;
+        let stats = read?;
+        anyhow::Ok((b.into_ranker(), stats))
+    })
+    .await
+    .context("rebuild task")??;
+    let replay_secs = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    let ranker = std::sync::Arc::new(ranker);
+    let mut publisher =
+        publish::Publisher::start(cfg, stats.ranges.clone(), crate::now_ms()).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<UserRecs>>(2);
+    let r = ranker.clone();
+    let ranking = tokio::task::spawn_blocking(move || {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let busy = std::time::Instant::now();
+        let n = r.user_count();
+        let mut from = 0;
+        while from < n {
+            let to = (from + RANK_CHUNK).min(n);
+            if tx.blocking_send(r.rank(from..to, threads)).is_err() {
+                break; // the publisher failed; its error is reported
+            }
+            from = to;
+        }
+        busy.elapsed().as_secs_f64()
+    });
+    while let Some(chunk) = rx.recv().await {
+        publisher.users(&chunk).await?;
+    }
+    let rank_secs = ranking.await.context("ranking task")?;
+    let publish_wait = publisher.wait;
+    let neighbours = ranker.serve_neighbours();
+    let meta = publisher
+        .finish(
+            ranker.popular(),
+            &neighbours,
+            ranker.events(),
+            ranker.items(),
+        )
+        .await?;
+    tracing::info!(
+        replay_seconds = replay_secs,
+        rank_seconds = rank_secs,
+        rank_and_publish_seconds = started.elapsed().as_secs_f64(),
+        publish_wait_seconds = publish_wait.as_secs_f64(),
+        users = meta.users,
+        "rebuild phases"
+    );
+    Ok((meta, stats))
+}
