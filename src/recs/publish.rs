@@ -7,14 +7,19 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::producer::{FutureProducer, Producer};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
 use serde::{Deserialize, Serialize};
 
 use super::replay::Range;
-use super::{Candidates, Scored, Source, UserRecs};
+use super::{Candidates, Encoded, Scored, Source, UserRecs};
 use crate::config::Config;
-use crate::kafka::{self, produce};
-use crate::sinks::redis::{item_neighbours_key, recs_key, recs_meta_key, recs_popular_key};
+use crate::kafka;
+use crate::sinks::redis::{item_neighbours_key, recs_meta_key, recs_popular_key};
 use crate::topics;
 
 /// One user's record (schemas/recommendation.json).
@@ -42,7 +47,8 @@ pub struct Meta {
     pub digest: String,
 }
 
-/// FNV-1a 64 over the candidates (ids, sources, scores in millionths).
+/// The generation's digest of the candidates: [`Digest`] fed every
+/// user's list, the popular list and the item neighbours.
 pub fn digest(c: &Candidates) -> String {
     let mut d = Digest::new();
     d.users(&c.users);
@@ -51,41 +57,82 @@ pub fn digest(c: &Candidates) -> String {
     d.hex()
 }
 
-/// [`digest`], fed in parts: users (in order, in chunks), then the popular
-/// list, then the item neighbours.
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
+
+fn fnv(mut h: u64, b: &[u8]) -> u64 {
+    for x in b {
+        h ^= u64::from(*x);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    h
+}
+
+/// One FNV-1a step over a 64-bit word.
+fn mix(h: u64, w: u64) -> u64 {
+    (h ^ w).wrapping_mul(FNV_PRIME)
+}
+
+/// FNV-1a 64 of an item id (what [`user_hash`] takes for each item; the
+/// ranker computes it once per item).
+pub fn name_hash(name: &str) -> u64 {
+    fnv(FNV_OFFSET, name.as_bytes())
+}
+
+/// A score's millionths (scores are rounded to 6 decimals: exact, and far
+/// cheaper to hash than their text).
+fn millionths(score: f64) -> i64 {
+    (score * 1e6).round() as i64
+}
+
+/// The hash of one user's list: FNV-1a 64 of their id, then FNV-1a steps
+/// over 64-bit words: the source, then each item's [`name_hash`] and score
+/// in millionths. Computed by the ranking threads; [`Digest`] chains them
+/// in user id order.
+pub fn user_hash(user_id: &str, source: Source, items: impl Iterator<Item = (u64, f64)>) -> u64 {
+    let mut h = fnv(FNV_OFFSET, user_id.as_bytes());
+    h = mix(h, if source == Source::Batch { 1 } else { 2 });
+    for (name, score) in items {
+        h = mix(mix(h, name), millionths(score) as u64);
+    }
+    h
+}
+
+/// FNV-1a 64 over the [`user_hash`] of every user (in user id order), then
+/// the popular list and the item neighbours: equal candidates give equal
+/// digests, whatever the generation, build time or thread count.
 pub struct Digest(u64);
 
 impl Digest {
     pub fn new() -> Digest {
-        Digest(0xcbf2_9ce4_8422_2325)
+        Digest(FNV_OFFSET)
     }
 
     fn feed(&mut self, b: &[u8]) {
-        for x in b {
-            self.0 ^= u64::from(*x);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
+        self.0 = fnv(self.0, b);
     }
 
     fn scored(&mut self, list: &[Scored]) {
         for s in list {
             self.feed(s.item_id.as_bytes());
-            // Scores are rounded to 6 decimals: their millionths are exact
-            // (and far cheaper than formatting the text).
-            self.feed(&((s.score * 1e6).round() as i64).to_le_bytes());
+            self.feed(&millionths(s.score).to_le_bytes());
         }
     }
 
     pub fn users(&mut self, users: &[UserRecs]) {
         for u in users {
-            self.feed(u.user_id.as_bytes());
-            self.feed(if u.source == Source::Batch {
-                b"B"
-            } else {
-                b"P"
-            });
-            self.scored(&u.items);
-            self.feed(b"\n");
+            self.user_hashes(&[user_hash(
+                &u.user_id,
+                u.source,
+                u.items.iter().map(|s| (name_hash(&s.item_id), s.score)),
+            )]);
+        }
+    }
+
+    /// The next users, given by their [`user_hash`].
+    pub fn user_hashes(&mut self, hashes: &[u64]) {
+        for h in hashes {
+            self.feed(&h.to_le_bytes());
         }
     }
 
@@ -129,23 +176,72 @@ pub async fn current_meta(cfg: &Config) -> anyhow::Result<Option<Meta>> {
 /// Writes one generation's values into a pipeline: field `generation` of
 /// `key` (a hash), the field two generations back dropped (the current one
 /// stays until `recs:meta` names the new one), TTL renewed.
-fn hset_generation(
-    pipe: &mut redis::Pipeline,
-    key: String,
-    generation: u64,
-    json: &[u8],
-    ttl: u64,
-) {
-    pipe.cmd("HSET")
-        .arg(&key)
-        .arg(generation)
-        .arg(json)
-        .ignore();
+fn hset_generation(pipe: &mut redis::Pipeline, key: &[u8], generation: u64, json: &[u8], ttl: u64) {
+    pipe.cmd("HSET").arg(key).arg(generation).arg(json).ignore();
     if generation >= 2 {
-        pipe.cmd("HDEL").arg(&key).arg(generation - 2).ignore();
+        pipe.cmd("HDEL").arg(key).arg(generation - 2).ignore();
     }
     pipe.cmd("EXPIRE").arg(key).arg(ttl).ignore();
 }
+
+/// The delivery reports of one chunk's topic records, counted down by
+/// the producer's polling thread (one counter per chunk, not a future per
+/// record: the publisher sends a million records per rebuild).
+struct ChunkAcks {
+    pending: AtomicUsize,
+    /// The first delivery error.
+    error: Mutex<Option<KafkaError>>,
+    done: tokio::sync::Notify,
+}
+
+impl ChunkAcks {
+    fn new(records: usize) -> Arc<ChunkAcks> {
+        Arc::new(ChunkAcks {
+            pending: AtomicUsize::new(records),
+            error: Mutex::new(None),
+            done: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn report(&self, error: Option<&KafkaError>) {
+        if let Some(e) = error {
+            if let Ok(mut first) = self.error.lock() {
+                first.get_or_insert_with(|| e.clone());
+            }
+        }
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Stores a permit if nobody waits yet.
+            self.done.notify_one();
+        }
+    }
+
+    /// Waits for every record of the chunk; the first delivery error.
+    async fn delivered(&self) -> Result<(), KafkaError> {
+        if self.pending.load(Ordering::Acquire) > 0 {
+            self.done.notified().await;
+        }
+        match self.error.lock().ok().and_then(|mut e| e.take()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Producer context of the recommendations topic: delivery reports go to
+/// their chunk's [`ChunkAcks`].
+struct RecsProducerContext;
+
+impl ClientContext for RecsProducerContext {}
+
+impl ProducerContext for RecsProducerContext {
+    type DeliveryOpaque = Arc<ChunkAcks>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, chunk: Arc<ChunkAcks>) {
+        chunk.report(result.as_ref().err().map(|(e, _)| e));
+    }
+}
+
+type RecsProducer = ThreadedProducer<RecsProducerContext>;
 
 /// Users per chunk: their topic records are produced together, and once
 /// all are delivered their Redis values go in one pipeline.
@@ -154,7 +250,7 @@ const CHUNK: usize = 1_000;
 /// and librdkafka batches meanwhile).
 const CHUNKS_IN_FLIGHT: usize = 20;
 
-/// Publishes one generation in parts: [`Publisher::users`] for each chunk
+/// Publishes one generation in parts: [`Publisher::encoded`] for each chunk
 /// of users (in user id order), then [`Publisher::finish`].
 ///
 /// Every Redis value of a generation is a field named by the generation
@@ -169,7 +265,7 @@ const CHUNKS_IN_FLIGHT: usize = 20;
 /// `generation` above the one `recs:meta` names.
 pub struct Publisher {
     con: redis::aio::MultiplexedConnection,
-    producer: FutureProducer,
+    producer: RecsProducer,
     transactional: bool,
     topic: String,
     prefix: String,
@@ -204,7 +300,7 @@ impl Publisher {
             p
         } else {
             kafka::producer_config(&cfg.kafka)
-                .create()
+                .create_with_context(RecsProducerContext)
                 .context("creating the Kafka producer")?
         };
         Ok(Publisher {
@@ -228,51 +324,61 @@ impl Publisher {
         self.generation
     }
 
-    /// The next users (in user id order) to the topic and Redis, in
-    /// chunks of 1,000; at most 20 chunks unfinished.
-    pub async fn users(&mut self, users: &[UserRecs]) -> anyhow::Result<()> {
-        self.digest.users(users);
+    /// The fields of every record of this generation after `source`,
+    /// closing brace included (what [`super::Ranker::encode`] appends).
+    pub fn record_tail(&self) -> anyhow::Result<String> {
+        #[derive(Serialize)]
+        struct Tail<'a> {
+            generation: u64,
+            built_at: i64,
+            offsets: &'a [Range],
+        }
+        let t = serde_json::to_string(&Tail {
+            generation: self.generation,
+            built_at: self.built_at,
+            offsets: &self.offsets,
+        })
+        .context("serialising the records' offsets")?;
+        Ok(format!(",{}", &t[1..]))
+    }
+
+    /// The next users' encoded records (in user id order) to the topic and
+    /// Redis, in chunks of 1,000; at most 20 chunks unfinished.
+    pub async fn encoded(&mut self, users: &Encoded) -> anyhow::Result<()> {
+        self.digest.user_hashes(&users.hashes);
         self.users += users.len();
-        for chunk in users.chunks(CHUNK) {
-            let mut pipe = redis::pipe();
-            let mut deliveries = Vec::with_capacity(chunk.len());
-            for u in chunk {
-                let rec = RecRecord {
-                    user_id: &u.user_id,
-                    items: &u.items,
-                    source: u.source,
-                    generation: self.generation,
-                    built_at: self.built_at,
-                    offsets: &self.offsets,
-                };
-                let json = serde_json::to_vec(&rec).context("serialising a recommendation")?;
-                deliveries.push(
-                    produce::enqueue(
-                        &self.producer,
-                        &self.topic,
-                        u.user_id.as_bytes(),
-                        &json,
-                        None,
-                    )
-                    .await
-                    .with_context(|| format!("producing to {}", self.topic))?,
-                );
-                hset_generation(
-                    &mut pipe,
-                    recs_key(&self.prefix, &u.user_id),
-                    self.generation,
-                    &json,
-                    self.ttl,
-                );
+        let records: Vec<(&[u8], &[u8])> = users.records().collect();
+        let mut key = format!("{}recs:", self.prefix).into_bytes();
+        let key_prefix = key.len();
+        for chunk in records.chunks(CHUNK) {
+            let mut pipe = redis::Pipeline::with_capacity(3 * chunk.len());
+            let acks = ChunkAcks::new(chunk.len());
+            for (user, json) in chunk {
+                let mut rec = BaseRecord::with_opaque_to(&self.topic, acks.clone())
+                    .key(*user)
+                    .payload(*json);
+                loop {
+                    match self.producer.send(rec) {
+                        Ok(()) => break,
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                            rec = r;
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        Err((e, _)) => {
+                            return Err(e).with_context(|| format!("producing to {}", self.topic))
+                        }
+                    }
+                }
+                key.truncate(key_prefix);
+                key.extend_from_slice(user);
+                hset_generation(&mut pipe, &key, self.generation, json, self.ttl);
             }
             let mut con = self.con.clone();
             let topic = self.topic.clone();
             self.in_flight.push_back(tokio::spawn(async move {
-                for f in deliveries {
-                    produce::acknowledged(f)
-                        .await
-                        .with_context(|| format!("delivering to {topic}"))?;
-                }
+                acks.delivered()
+                    .await
+                    .with_context(|| format!("delivering to {topic}"))?;
                 pipe.query_async::<()>(&mut con)
                     .await
                     .context("writing recs:{user} to Redis")
@@ -313,7 +419,7 @@ impl Publisher {
                 let json = serde_json::to_vec(list).context("serialising neighbours")?;
                 hset_generation(
                     &mut pipe,
-                    item_neighbours_key(&prefix, item),
+                    item_neighbours_key(&prefix, item).as_bytes(),
                     generation,
                     &json,
                     ttl,
@@ -332,7 +438,7 @@ impl Publisher {
         let mut pipe = redis::pipe();
         hset_generation(
             &mut pipe,
-            recs_popular_key(&prefix),
+            recs_popular_key(&prefix).as_bytes(),
             generation,
             popular_json.to_string().as_bytes(),
             ttl,
@@ -384,11 +490,11 @@ impl Publisher {
 /// The producer of the `recommendations` topic: transactional, with a fixed
 /// id per consumer group, so starting it fences (and aborts) the open
 /// transaction of a rebuild that died.
-async fn transactional_producer(cfg: &Config) -> anyhow::Result<FutureProducer> {
+async fn transactional_producer(cfg: &Config) -> anyhow::Result<RecsProducer> {
     let id = format!("{}.recs-publisher", cfg.kafka.group_id);
-    let producer: FutureProducer = kafka::producer_config(&cfg.kafka)
+    let producer: RecsProducer = kafka::producer_config(&cfg.kafka)
         .set("transactional.id", &id)
-        .create()
+        .create_with_context(RecsProducerContext)
         .context("creating the Kafka producer")?;
     let p = producer.clone();
     tokio::task::spawn_blocking(move || p.init_transactions(Duration::from_secs(30)))

@@ -1,7 +1,7 @@
 //! One rebuild end to end: replay ∥ fold, then rank ∥ publish
 //! (docs/RECOMMENDATIONS.md, "How a rebuild runs").
 
-use super::{publish, replay, Builder, UserRecs};
+use super::{publish, replay, Builder, Encoded};
 use crate::events::InteractionKind;
 
 /// Parsed interactions handed from the replay to the fold thread at once.
@@ -34,12 +34,7 @@ impl FoldBatch {
     }
 
     fn fold_into(&self, b: &mut Builder) {
-        let mut start = 0usize;
-        for &(user_end, item_end, kind, time) in &self.rows {
-            let (u, i) = (user_end as usize, item_end as usize);
-            b.add_parts(&self.text[start..u], &self.text[u..i], kind, time);
-            start = i;
-        }
+        b.add_batch(&self.text, &self.rows);
     }
 }
 /// Users ranked per chunk handed to the publisher.
@@ -52,8 +47,8 @@ const RANK_CHUNK: usize = 10_000;
 ///
 /// Three stages overlap: the replay thread reads and parses while a fold
 /// thread folds (bounded channel); then ranking threads rank users in
-/// chunks, in user id order, while the publisher writes the previous chunk
-/// to the topic and Redis.
+/// chunks, in user id order, and encode their records, while the publisher
+/// writes the previous chunk to the topic and Redis.
 pub async fn rebuild_once(
     cfg: &crate::config::Config,
     cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -113,7 +108,8 @@ pub async fn rebuild_once(
     let ranker = std::sync::Arc::new(ranker);
     let mut publisher =
         publish::Publisher::start(cfg, stats.ranges.clone(), crate::now_ms()).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<UserRecs>>(2);
+    let tail = publisher.record_tail()?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Encoded>(4);
     let r = ranker.clone();
     let ranking = tokio::task::spawn_blocking(move || {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -122,15 +118,18 @@ pub async fn rebuild_once(
         let mut from = 0;
         while from < n {
             let to = (from + RANK_CHUNK).min(n);
-            if tx.blocking_send(r.rank(from..to, threads)).is_err() {
-                break; // the publisher failed; its error is reported
+            for part in r.encode(from..to, threads, &tail) {
+                if tx.blocking_send(part).is_err() {
+                    // The publisher failed; its error is reported.
+                    return busy.elapsed().as_secs_f64();
+                }
             }
             from = to;
         }
         busy.elapsed().as_secs_f64()
     });
-    while let Some(chunk) = rx.recv().await {
-        publisher.users(&chunk).await?;
+    while let Some(part) = rx.recv().await {
+        publisher.encoded(&part).await?;
     }
     let rank_secs = ranking.await.context("ranking task")?;
     let publish_wait = publisher.wait;

@@ -1,4 +1,6 @@
 use super::*;
+use crate::config::RecsConfig;
+use crate::events::{Interaction, InteractionKind};
 use crate::generate::InteractionGenerator;
 
 fn ev(user: &str, item: &str, kind: InteractionKind, t: i64) -> Interaction {
@@ -80,14 +82,15 @@ fn neighbour_lists_stay_bounded() {
         ..RecsConfig::default()
     };
     let mut b = Builder::new(&cfg);
+    // Pairs are merged into the lists (and pruned) every 1,000 here.
+    b.pair_batch = 1_000;
     for e in InteractionGenerator::new(4, 200, 500, 1_764_000_000_000, 50.0).take(20_000) {
         b.add(&e);
+        assert!(b.pairs.len() < 1_000);
     }
     assert!(b.co.iter().all(|ns| ns.len() <= 10));
-    assert!(b
-        .users
-        .iter()
-        .all(|(_, u)| u.history.len() <= cfg.history_cap));
+    assert!(b.co.iter().filter(|ns| ns.len() > 5).count() > 100);
+    assert!(b.users.iter().all(|u| u.history.len() <= cfg.history_cap));
     // Ranking uses the max_neighbours strongest of each list.
     let r = b.into_ranker();
     let lists: Vec<&[(u32, f32)]> = (0..r.items() as u32).map(|i| r.neighbours(i)).collect();
@@ -145,4 +148,146 @@ fn candidates_beat_popularity_on_taste_structured_data() {
         cands.recall,
         popular.recall
     );
+}
+
+fn fold_batches(events: &[Interaction], cfg: &RecsConfig, batch: usize) -> Builder {
+    let mut b = Builder::new(cfg);
+    for chunk in events.chunks(batch) {
+        let mut text = String::new();
+        let mut rows = Vec::new();
+        for e in chunk {
+            text.push_str(&e.user_id);
+            let u = text.len() as u32;
+            text.push_str(&e.item_id);
+            rows.push((u, text.len() as u32, e.kind, e.event_time));
+        }
+        b.add_batch(&text, &rows);
+    }
+    b
+}
+
+#[test]
+fn folding_in_prefetched_batches_equals_folding_one_by_one() {
+    // Enough users for the user index to grow several times.
+    let events: Vec<Interaction> =
+        InteractionGenerator::new(7, 20_000, 3_000, 1_764_000_000_000, 50.0)
+            .take(60_000)
+            .collect();
+    let one_by_one = build(&events);
+    for batch in [1, 7, 4_096] {
+        let b = fold_batches(&events, &RecsConfig::default(), batch);
+        assert_eq!(b.finish(), one_by_one, "batches of {batch}");
+    }
+    assert!(one_by_one.users.len() > 15_000);
+}
+
+#[test]
+fn when_nothing_is_pruned_merging_pairs_late_changes_nothing() {
+    // max_neighbours above any list's length: pruning never drops a pair,
+    // so merging after every pair or after many sums the same values in
+    // the same order.
+    let cfg = RecsConfig {
+        max_neighbours: 10_000,
+        ..RecsConfig::default()
+    };
+    let events: Vec<Interaction> = InteractionGenerator::new(8, 300, 400, 1_764_000_000_000, 50.0)
+        .take(10_000)
+        .collect();
+    let mut every = Builder::new(&cfg);
+    every.pair_batch = 1;
+    let mut late = Builder::new(&cfg);
+    for e in &events {
+        every.add(e);
+        late.add(e);
+    }
+    assert!(late.pairs.len() > 10_000, "pairs were merged early");
+    assert_eq!(every.finish(), late.finish());
+}
+
+#[test]
+fn encoded_records_are_the_serialised_records_and_hash_like_the_digest() {
+    use publish::{Digest, RecRecord};
+    let mut events: Vec<Interaction> =
+        InteractionGenerator::new(9, 400, 500, 1_764_000_000_000, 50.0)
+            .take(8_000)
+            .collect();
+    // Ids that need escaping, and a user with no neighbours.
+    events.push(ev(
+        "quote\"d\\user\u{1}é",
+        "item-1",
+        InteractionKind::View,
+        1_764_000_900_000,
+    ));
+    events.push(ev(
+        "lonely",
+        "only-mine",
+        InteractionKind::Purchase,
+        1_764_000_900_001,
+    ));
+    let mut b = Builder::new(&RecsConfig::default());
+    for e in &events {
+        b.add(e);
+    }
+    let r = b.into_ranker();
+    let offsets = vec![replay::Range {
+        topic: "t".into(),
+        partition: 3,
+        from: 10,
+        to: 20,
+    }];
+    let tail = r#","generation":7,"built_at":1764000000000,"offsets":[{"topic":"t","partition":3,"from":10,"to":20}]}"#;
+    let n = r.user_count();
+    let users = r.rank(0..n, 1);
+    let parts = r.encode(0..n, 3, tail);
+    assert_eq!(parts.len(), 3);
+    let mut digest = Digest::new();
+    let mut expected = Digest::new();
+    expected.users(&users);
+    let mut i = 0;
+    for part in &parts {
+        digest.user_hashes(&part.hashes);
+        for (key, json) in part.records() {
+            let u = &users[i];
+            assert_eq!(key, u.user_id.as_bytes());
+            let want = serde_json::to_value(RecRecord {
+                user_id: &u.user_id,
+                items: &u.items,
+                source: u.source,
+                generation: 7,
+                built_at: 1_764_000_000_000,
+                offsets: &offsets,
+            })
+            .unwrap();
+            let got: serde_json::Value = serde_json::from_slice(json).unwrap();
+            assert_eq!(got, want, "{}", String::from_utf8_lossy(json));
+            i += 1;
+        }
+    }
+    assert_eq!(i, n);
+    assert_eq!(digest.hex(), expected.hex());
+    assert!(users.iter().any(|u| u.user_id.contains('"')));
+    assert!(users.iter().any(|u| u.source == Source::Popular));
+}
+
+#[test]
+fn scores_are_written_in_plain_decimals_that_parse_back_exactly() {
+    for (score, text) in [
+        (0.0, "0.0"),
+        (3.0, "3.0"),
+        (0.5, "0.5"),
+        (0.123456, "0.123456"),
+        (0.000001, "0.000001"),
+        (12.0001, "12.0001"),
+        (987654321.5, "987654321.5"),
+        (1e10, "10000000000.0"),
+    ] {
+        let mut buf = Vec::new();
+        rank::write_score(&mut buf, score);
+        assert_eq!(String::from_utf8_lossy(&buf), text);
+        assert_eq!(serde_json::from_slice::<f64>(&buf).unwrap(), score);
+    }
+    // Beyond 10^9 × 10^6 millionths: serde_json's own form.
+    let mut buf = Vec::new();
+    rank::write_score(&mut buf, 1e300);
+    assert_eq!(serde_json::from_slice::<f64>(&buf).unwrap(), 1e300);
 }
