@@ -41,6 +41,9 @@ struct Scratch {
     /// Per item: [`FREE`], [`TOUCHED`] (in `touched`) or [`BANNED`]
     /// (bought by the current user).
     mark: Vec<u8>,
+    /// The items touched, in the order first touched (its first `len`
+    /// entries; sized for the user's lists beforehand).
+    cand: Vec<u32>,
     touched: Vec<(u32, f64)>,
     hist: Vec<(u32, f64)>,
     /// The user's ranked list: (item, score rounded to 6 decimals).
@@ -110,6 +113,7 @@ impl Ranker {
         Scratch {
             acc: vec![0.0; self.names.len()],
             mark: vec![FREE; self.names.len()],
+            cand: Vec::new(),
             touched: Vec::new(),
             hist: Vec::new(),
             out: Vec::new(),
@@ -263,7 +267,17 @@ impl Ranker {
         for b in u.bought() {
             sc.mark[b as usize] = BANNED;
         }
-        sc.touched.clear();
+        let mut room = 0;
+        for w in sc.hist.chunk_by(|a, b| a.0 == b.0) {
+            room += self.neighbours(w[0].0).len();
+        }
+        if sc.cand.len() < room {
+            sc.cand.resize(room, 0);
+        }
+        // The accumulation is written without branches on the item's mark
+        // (whether it was touched before is a coin flip for the branch
+        // predictor): a bought item adds 0 and is not listed.
+        let mut len = 0;
         let mut i = 0;
         while i < sc.hist.len() {
             let item = sc.hist[i].0;
@@ -275,17 +289,22 @@ impl Ranker {
             let hw = hw / norm;
             for &(n, c) in self.neighbours(item) {
                 let slot = n as usize;
-                match sc.mark[slot] {
-                    FREE => {
-                        sc.mark[slot] = TOUCHED;
-                        sc.touched.push((n, 0.0));
-                        sc.acc[slot] = hw * f64::from(c);
-                    }
-                    TOUCHED => sc.acc[slot] += hw * f64::from(c),
-                    _ => {}
-                }
+                let m = sc.mark[slot];
+                let keep = f64::from(u8::from(m != BANNED));
+                sc.acc[slot] += hw * f64::from(c) * keep;
+                sc.cand[len] = n;
+                len += usize::from(m == FREE);
+                sc.mark[slot] = m | (TOUCHED * u8::from(m == FREE));
             }
         }
+        sc.touched.clear();
+        sc.touched.extend(sc.cand[..len].iter().map(|&n| {
+            let slot = n as usize;
+            let score = sc.acc[slot];
+            sc.acc[slot] = 0.0;
+            sc.mark[slot] = FREE;
+            (n, score)
+        }));
         sc.out.clear();
         let source = if sc.touched.is_empty() {
             sc.out.extend(
@@ -296,11 +315,6 @@ impl Ranker {
             );
             Source::Popular
         } else {
-            for t in sc.touched.iter_mut() {
-                let slot = t.0 as usize;
-                t.1 = sc.acc[slot];
-                sc.mark[slot] = FREE;
-            }
             super::top_into(&mut sc.touched, &self.names, k);
             sc.out.extend_from_slice(&sc.touched);
             Source::Batch
