@@ -99,7 +99,8 @@ def main():
         gen = json.loads(subprocess.check_output(cli + ["GET", "recs:meta"]))["generation"]
         overlap = []
         for u in sample:
-            raw = subprocess.check_output(cli + ["HGET", f"recs:{u}", str(gen)]).strip()
+            # The field of the generation's parity (docs/REDIS.md).
+            raw = subprocess.check_output(cli + ["HGET", f"recs:{u}", str(gen % 2)]).strip()
             if not raw:
                 continue
             theirs = {x["item_id"] for x in json.loads(raw)["items"]}

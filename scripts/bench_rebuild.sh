@@ -6,6 +6,8 @@
 #
 #   scripts/bench_rebuild.sh [COUNT=1000000] [USERS=100000] [ITEMS=50000]
 #
+# ROUNDS=N repeats read-then-rebuild N times (this machine is noisy: compare
+# each rebuild with the reads beside it); a last read ends the run.
 # BASELINE_BIN=path/to/another/streamscore also times that build's rebuild
 # on the same data afterwards (a before/after comparison in one run).
 set -euo pipefail
@@ -28,15 +30,18 @@ BIN=$PWD/target/release/streamscore
 TXNS=$((COUNT / 10))
 "$BIN" --config "$CFG" generate --count "$TXNS" --interactions-per-txn 10 \
   --users "$USERS" --merchants $((ITEMS / 10)) --seed 5 2>&1 | tail -1
-target/release/examples/bench_read "$CFG"
-/usr/bin/time -v "$BIN" --config "$CFG" rebuild 2>"$RUN_DIR/rebuild.err" >"$RUN_DIR/meta.json"
-grep -E "^rebuild: generation|rebuild phases" "$RUN_DIR/rebuild.err" | sed "s/\x1b\[[0-9;]*m//g"
-grep -E "Maximum resident|Elapsed|User time|System time" "$RUN_DIR/rebuild.err"
+for round in $(seq 1 "${ROUNDS:-1}"); do
+  log "round $round: read only, then rebuild"
+  target/release/examples/bench_read "$CFG"
+  /usr/bin/time -v "$BIN" --config "$CFG" rebuild 2>"$RUN_DIR/rebuild.err" >"$RUN_DIR/meta.json"
+  grep -E "^rebuild: generation|rebuild phases" "$RUN_DIR/rebuild.err" | sed "s/\x1b\[[0-9;]*m//g"
+  grep -E "Maximum resident|Elapsed|User time|System time" "$RUN_DIR/rebuild.err"
+done
 if [ -n "${BASELINE_BIN:-}" ]; then
   log "baseline: $BASELINE_BIN"
   /usr/bin/time -v "$BASELINE_BIN" --config "$CFG" rebuild 2>"$RUN_DIR/baseline.err" >/dev/null
   grep -E "^rebuild: generation|rebuild phases" "$RUN_DIR/baseline.err" | sed "s/\x1b\[[0-9;]*m//g"
   grep -E "Maximum resident|Elapsed|User time|System time" "$RUN_DIR/baseline.err"
-  log "read only, again"
-  target/release/examples/bench_read "$CFG"
 fi
+log "read only, again"
+target/release/examples/bench_read "$CFG"

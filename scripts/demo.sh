@@ -78,8 +78,8 @@ GEN_PID=$!
   echo "GET recs:meta"
   redis-cli -p "$REDIS_PORT" GET recs:meta | cut -c1-300
   gen=$(redis-cli -p "$REDIS_PORT" GET recs:meta | python3 -c 'import json,sys; print(json.load(sys.stdin)["generation"])')
-  echo "HGET recs:user-7 $gen   (each generation is a field; recs:meta names the current one)"
-  redis-cli -p "$REDIS_PORT" HGET recs:user-7 "$gen" | cut -c1-300
+  echo "HGET recs:user-7 $((gen % 2))   (generation $gen: two fields, double-buffered by parity; recs:meta names the current generation)"
+  redis-cli -p "$REDIS_PORT" HGET recs:user-7 "$((gen % 2))" | cut -c1-300
   echo
   echo "---- the serving API (docs/openapi.yaml) ----"
   echo "GET /v1/recommendations/user-7?k=5"

@@ -1,13 +1,14 @@
 //! Reading the current generation back from Redis (the serving layer and
 //! the tests): `recs:meta` names the generation, and every other value is
-//! the field of that number in its hash.
+//! the field of that generation's parity in its hash
+//! ([`super::publish::generation_field`]).
 
 use std::collections::HashMap;
 
 use anyhow::Context;
 use serde::Deserialize;
 
-use super::publish::Meta;
+use super::publish::{generation_field, Meta};
 use super::{Scored, Source};
 use crate::sinks::redis::{item_neighbours_key, recs_key, recs_meta_key, recs_popular_key};
 
@@ -24,6 +25,7 @@ pub struct UserList {
 #[derive(Deserialize)]
 struct PopularList {
     items: Vec<Scored>,
+    generation: u64,
 }
 
 /// What the current generation holds for one request.
@@ -62,11 +64,14 @@ pub async fn read_generation<C: redis::aio::ConnectionLike>(
     items: &[&str],
 ) -> anyhow::Result<Current> {
     let g = meta.generation;
+    let field = generation_field(g);
     let mut pipe = redis::pipe();
-    pipe.cmd("HGET").arg(recs_key(prefix, user_id)).arg(g);
-    pipe.cmd("HGET").arg(recs_popular_key(prefix)).arg(g);
+    pipe.cmd("HGET").arg(recs_key(prefix, user_id)).arg(field);
+    pipe.cmd("HGET").arg(recs_popular_key(prefix)).arg(field);
     for i in items {
-        pipe.cmd("HGET").arg(item_neighbours_key(prefix, i)).arg(g);
+        pipe.cmd("HGET")
+            .arg(item_neighbours_key(prefix, i))
+            .arg(field);
     }
     let vals: Vec<Option<String>> = pipe
         .query_async(con)
@@ -76,11 +81,15 @@ pub async fn read_generation<C: redis::aio::ConnectionLike>(
     let user = vals
         .next()
         .flatten()
-        .and_then(|v| serde_json::from_str::<UserList>(&v).ok());
+        .and_then(|v| serde_json::from_str::<UserList>(&v).ok())
+        // The field of another generation (a rebuild after the one `meta`
+        // names, writing or dead, overwrites the one before it).
+        .filter(|u| u.generation == g);
     let popular = vals
         .next()
         .flatten()
         .and_then(|v| serde_json::from_str::<PopularList>(&v).ok())
+        .filter(|p| p.generation == g)
         .map(|p| p.items)
         .unwrap_or_default();
     let mut neighbours = HashMap::new();

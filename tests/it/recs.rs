@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use streamscore::generate::InteractionGenerator;
+use streamscore::recs::publish::generation_field;
 
 use super::util::*;
 
@@ -70,7 +71,9 @@ fn rebuild_publishes_candidates_deterministically_and_they_beat_popularity() {
     sorted.sort_unstable();
     let mut pipe = redis::pipe();
     for u in &sorted {
-        pipe.cmd("HGET").arg(format!("{p}recs:{u}")).arg(1);
+        pipe.cmd("HGET")
+            .arg(format!("{p}recs:{u}"))
+            .arg(generation_field(1));
         pipe.cmd("TTL").arg(format!("{p}recs:{u}"));
     }
     let got: Vec<redis::Value> = pipe.query(&mut con).unwrap();
@@ -103,17 +106,18 @@ fn rebuild_publishes_candidates_deterministically_and_they_beat_popularity() {
     // A user with no history: no key of their own, the popular list instead.
     let none: Option<String> = redis::cmd("HGET")
         .arg(format!("{p}recs:user-never-seen"))
-        .arg(1)
+        .arg(generation_field(1))
         .query(&mut con)
         .unwrap();
     assert!(none.is_none());
     let popular: String = redis::cmd("HGET")
         .arg(format!("{p}recs:popular"))
-        .arg(1)
+        .arg(generation_field(1))
         .query(&mut con)
         .unwrap();
     let popular: serde_json::Value = serde_json::from_str(&popular).unwrap();
     assert_eq!(popular["items"].as_array().unwrap().len(), 100);
+    assert_eq!(popular["generation"], 1);
 
     // The topic: one schema-valid record per user, keyed by user id.
     let recs = read_topic(
@@ -240,15 +244,22 @@ fn a_rebuild_killed_while_publishing_leaves_the_previous_generation_intact() {
     assert_eq!(meta1["generation"], 1);
     let p = env.redis_prefix.clone();
     let mut con = redis_conn();
+    // The field of generation `gen` of every user's hash (two fields,
+    // double-buffered: generation 2 is written to generation 0's field).
     let lists = |con: &mut redis::Connection, gen: u64| -> Vec<Option<String>> {
         let mut pipe = redis::pipe();
         for u in &users {
-            pipe.cmd("HGET").arg(format!("{p}recs:{u}")).arg(gen);
+            pipe.cmd("HGET")
+                .arg(format!("{p}recs:{u}"))
+                .arg(generation_field(gen));
         }
         pipe.query(con).unwrap()
     };
+    let generation = |v: &str| serde_json::from_str::<Value>(v).unwrap()["generation"].clone();
     let gen1 = lists(&mut con, 1);
-    assert!(gen1.iter().all(Option::is_some));
+    assert!(gen1
+        .iter()
+        .all(|v| v.as_deref().map(generation) == Some(1.into())));
 
     // More history, so the next generation differs; then a rebuild killed
     // as soon as its first users are written (users are published sorted).
@@ -268,7 +279,7 @@ fn a_rebuild_killed_while_publishing_leaves_the_previous_generation_intact() {
     loop {
         let g2: Option<String> = redis::cmd("HGET")
             .arg(&first_user)
-            .arg(2)
+            .arg(generation_field(2))
             .query(&mut con)
             .unwrap();
         if g2.is_some() {
@@ -299,7 +310,9 @@ fn a_rebuild_killed_while_publishing_leaves_the_previous_generation_intact() {
         meta, meta1,
         "recs:meta moved to a generation that never finished"
     );
-    let written2 = lists(&mut con, 2).iter().filter(|v| v.is_some()).count();
+    let half2 = lists(&mut con, 2);
+    assert!(half2.iter().flatten().all(|v| generation(v) == 2));
+    let written2 = half2.iter().filter(|v| v.is_some()).count();
     assert!(
         written2 > 0 && written2 < users.len(),
         "the kill was not half-way: {written2} of {} users of generation 2 written",
@@ -366,5 +379,8 @@ fn a_rebuild_killed_while_publishing_leaves_the_previous_generation_intact() {
             .all(|v| v["generation"] == 2 && v["built_at"] == meta2["built_at"]),
         "a user's newest record is not of the completed generation"
     );
-    assert!(lists(&mut con, 2).iter().all(Option::is_some));
+    assert!(lists(&mut con, 2)
+        .iter()
+        .all(|v| v.as_deref().map(generation) == Some(2.into())));
+    assert_eq!(lists(&mut con, 1), gen1, "generation 1 changed");
 }

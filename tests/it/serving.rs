@@ -92,9 +92,19 @@ fn ids(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The value of generation `gen` in hash `key` (the field of its parity;
+/// values that carry their generation must carry `gen`).
 fn hget(con: &mut redis::Connection, key: &str, gen: u64) -> Option<Value> {
-    let raw: Option<String> = redis::cmd("HGET").arg(key).arg(gen).query(con).unwrap();
-    raw.map(|r| serde_json::from_str(&r).unwrap())
+    let raw: Option<String> = redis::cmd("HGET")
+        .arg(key)
+        .arg(streamscore::recs::publish::generation_field(gen))
+        .query(con)
+        .unwrap();
+    let v: Value = serde_json::from_str(&raw?).unwrap();
+    if let Some(g) = v.get("generation") {
+        assert_eq!(g, gen, "{key}: {v}");
+    }
+    Some(v)
 }
 
 fn interaction(user: &str, item: &str, kind: InteractionKind, t: i64, n: u32) -> (String, Vec<u8>) {
