@@ -76,11 +76,13 @@ fn main() -> anyhow::Result<()> {
     let mut bytes = 0usize;
     let n = ranker.user_count();
     let mut from = 0;
+    let mut spare = Vec::new();
     while from < n {
         let to = (from + 10_000).min(n);
-        for part in ranker.encode(from..to, threads, &tail) {
+        for part in ranker.encode(from..to, threads, &tail, &mut spare) {
             digest.user_hashes(&part.hashes);
             bytes += part.buf.len();
+            spare.push(part);
         }
         from = to;
     }

@@ -126,11 +126,11 @@ impl Ranker {
         &self,
         range: std::ops::Range<usize>,
         threads: usize,
-        f: impl Fn(std::ops::Range<usize>) -> T + Sync,
+        f: impl Fn(usize, std::ops::Range<usize>) -> T + Sync,
     ) -> Vec<T> {
         let threads = threads.clamp(1, range.len().max(1));
         if threads == 1 {
-            return vec![f(range)];
+            return vec![f(0, range)];
         }
         let per = range.len().div_ceil(threads);
         let f = &f;
@@ -139,7 +139,7 @@ impl Ranker {
                 .map(|t| {
                     let from = (range.start + t * per).min(range.end);
                     let to = (from + per).min(range.end);
-                    s.spawn(move || f(from..to))
+                    s.spawn(move || f(t, from..to))
                 })
                 .collect();
             handles
@@ -154,7 +154,7 @@ impl Ranker {
     /// `threads` threads; the result is in user id order and the same for
     /// any thread count.
     pub fn rank(&self, range: std::ops::Range<usize>, threads: usize) -> Vec<UserRecs> {
-        self.split(range, threads, |r| {
+        self.split(range, threads, |_, r| {
             let mut sc = self.scratch();
             r.map(|i| {
                 let u = &self.users[i];
@@ -183,20 +183,26 @@ impl Ranker {
     /// Ranks the users in `range` like [`Ranker::rank`] and encodes their
     /// records, each ending with `tail` (the generation's fields after
     /// `source`, closing brace included): one [`Encoded`] per thread, in
-    /// user id order.
+    /// user id order. `spare` holds used ones to write into again (their
+    /// memory already mapped: a fresh buffer page-faults on every page).
     pub fn encode(
         &self,
         range: std::ops::Range<usize>,
         threads: usize,
         tail: &str,
+        spare: &mut Vec<Encoded>,
     ) -> Vec<Encoded> {
-        self.split(range, threads, |r| {
+        let reuse: Vec<std::sync::Mutex<Option<Encoded>>> = (0..threads.max(1))
+            .map(|_| std::sync::Mutex::new(spare.pop()))
+            .collect();
+        self.split(range, threads, |t, r| {
             let mut sc = self.scratch();
-            let mut e = Encoded {
-                buf: Vec::with_capacity(r.len() * 1_300),
-                ends: Vec::with_capacity(r.len()),
-                hashes: Vec::with_capacity(r.len()),
-            };
+            let old = reuse.get(t).and_then(|m| m.lock().ok()?.take());
+            let mut e = old.unwrap_or_default();
+            e.buf.clear();
+            e.ends.clear();
+            e.hashes.clear();
+            e.buf.reserve(r.len() * 1_300);
             for i in r {
                 let u = &self.users[i];
                 let id = u.name.as_str();

@@ -110,6 +110,8 @@ pub async fn rebuild_once(
         publish::Publisher::start(cfg, stats.ranges.clone(), crate::now_ms()).await?;
     let tail = publisher.record_tail()?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Encoded>(4);
+    // Published parts come back to be written into again.
+    let (back, spares) = std::sync::mpsc::channel::<Encoded>();
     let r = ranker.clone();
     let ranking = tokio::task::spawn_blocking(move || {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -118,7 +120,8 @@ pub async fn rebuild_once(
         let mut from = 0;
         while from < n {
             let to = (from + RANK_CHUNK).min(n);
-            for part in r.encode(from..to, threads, &tail) {
+            let mut spare: Vec<Encoded> = spares.try_iter().collect();
+            for part in r.encode(from..to, threads, &tail, &mut spare) {
                 if tx.blocking_send(part).is_err() {
                     // The publisher failed; its error is reported.
                     return busy.elapsed().as_secs_f64();
@@ -130,6 +133,8 @@ pub async fn rebuild_once(
     });
     while let Some(part) = rx.recv().await {
         publisher.encoded(&part).await?;
+        // Fails only once ranking is over.
+        let _ = back.send(part);
     }
     let rank_secs = ranking.await.context("ranking task")?;
     let publish_wait = publisher.wait;

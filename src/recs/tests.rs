@@ -238,7 +238,7 @@ fn encoded_records_are_the_serialised_records_and_hash_like_the_digest() {
     let tail = r#","generation":7,"built_at":1764000000000,"offsets":[{"topic":"t","partition":3,"from":10,"to":20}]}"#;
     let n = r.user_count();
     let users = r.rank(0..n, 1);
-    let parts = r.encode(0..n, 3, tail);
+    let parts = r.encode(0..n, 3, tail, &mut Vec::new());
     assert_eq!(parts.len(), 3);
     let mut digest = Digest::new();
     let mut expected = Digest::new();
@@ -265,6 +265,19 @@ fn encoded_records_are_the_serialised_records_and_hash_like_the_digest() {
     }
     assert_eq!(i, n);
     assert_eq!(digest.hex(), expected.hex());
+    // Written again into the same (used) buffers: the same records.
+    let first: Vec<(Vec<u8>, Vec<u8>)> = parts
+        .iter()
+        .flat_map(|p| p.records().map(|(k, v)| (k.to_vec(), v.to_vec())))
+        .collect();
+    let mut spare = parts;
+    let again = r.encode(0..n, 3, tail, &mut spare);
+    assert!(spare.is_empty(), "the spare buffers were not reused");
+    let second: Vec<(Vec<u8>, Vec<u8>)> = again
+        .iter()
+        .flat_map(|p| p.records().map(|(k, v)| (k.to_vec(), v.to_vec())))
+        .collect();
+    assert_eq!(first, second);
     assert!(users.iter().any(|u| u.user_id.contains('"')));
     assert!(users.iter().any(|u| u.source == Source::Popular));
 }
