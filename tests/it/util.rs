@@ -839,6 +839,51 @@ pub fn wait_scored(metrics_url: &str, at_least: f64, what: &str) {
     });
 }
 
+/// Waits until the env's consumer group has committed every partition of
+/// its `logical` topic up to the high watermark (an offset fetch by a
+/// client outside the group: it does not join or disturb it).
+pub fn wait_committed(env: &TestEnv, logical: &str) {
+    let topic = env.topic(logical);
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", &env.group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let md = c
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .expect("metadata");
+    let parts: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    wait_for(Duration::from_secs(60), "the group's commits", || {
+        let mut tpl = TopicPartitionList::new();
+        for p in &parts {
+            tpl.add_partition(&topic, *p);
+        }
+        let committed = c.committed_offsets(tpl, Duration::from_secs(10)).ok()?;
+        parts
+            .iter()
+            .all(|p| {
+                let high = c
+                    .fetch_watermarks(&topic, *p, Duration::from_secs(10))
+                    .map(|(_, h)| h)
+                    .unwrap_or(i64::MAX);
+                let done = committed
+                    .find_partition(&topic, *p)
+                    .and_then(|e| match e.offset() {
+                        rdkafka::Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                done >= high
+            })
+            .then_some(())
+    });
+}
+
 /// Every record of the env's `fraud-scores` topic once `n` distinct txn ids
 /// are there (then a 3 s settle, so late duplicates are seen too).
 pub fn read_all_scores(env: &TestEnv, n: usize, context: impl Fn() -> String) -> Vec<Record> {
