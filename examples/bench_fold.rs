@@ -9,9 +9,8 @@
 use std::time::Instant;
 
 use streamscore::config::RecsConfig;
-use streamscore::events::InteractionKind;
 use streamscore::generate::InteractionGenerator;
-use streamscore::recs::Builder;
+use streamscore::recs::{Builder, FoldBatch};
 
 fn arg(n: usize, default: usize) -> usize {
     std::env::args()
@@ -23,22 +22,17 @@ fn arg(n: usize, default: usize) -> usize {
 fn main() -> anyhow::Result<()> {
     let (count, users, items) = (arg(1, 10_000_000), arg(2, 1_000_000), arg(3, 50_000));
     let t = Instant::now();
-    // Batches of 4,096 with their ids in one buffer, like the rebuild's
-    // fold batches.
-    type Rows = Vec<(u32, u32, InteractionKind, i64)>;
-    let mut batches: Vec<(String, Rows)> = Vec::new();
+    // Batches of 4,096, like the rebuild's.
+    let mut batches: Vec<FoldBatch> = Vec::new();
     for (n, e) in InteractionGenerator::new(5, users, items, 1_764_000_000_000, 10.0)
         .take(count)
         .enumerate()
     {
         if n % 4_096 == 0 {
-            batches.push((String::new(), Vec::with_capacity(4_096)));
+            batches.push(FoldBatch::with_capacity(4_096));
         }
-        if let Some((text, rows)) = batches.last_mut() {
-            text.push_str(&e.user_id);
-            let u = text.len() as u32;
-            text.push_str(&e.item_id);
-            rows.push((u, text.len() as u32, e.kind, e.event_time));
+        if let Some(b) = batches.last_mut() {
+            b.push(&e.user_id, &e.item_id, e.kind, e.event_time);
         }
     }
     eprintln!(
@@ -48,8 +42,8 @@ fn main() -> anyhow::Result<()> {
     let cfg = RecsConfig::default();
     let t = Instant::now();
     let mut b = Builder::new(&cfg);
-    for (text, rows) in &batches {
-        b.add_batch(text, rows);
+    for batch in &batches {
+        b.add_batch(batch);
     }
     let fold = t.elapsed().as_secs_f64();
     drop(batches);

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{
+    BaseRecord, DeliveryFuture, FutureProducer, FutureRecord, ProducerContext, ThreadedProducer,
+};
 
 /// Enqueues one record; while librdkafka's queue is full, waits a little and
 /// tries again (backpressure). Returns the delivery future to await the ack.
@@ -39,6 +41,24 @@ pub async fn enqueue_opt(
         match producer.send_result(rec) {
             Ok(f) => return Ok(f),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// [`enqueue`] for a producer whose delivery reports go to its context
+/// (the record's opaque) instead of a future per record.
+pub async fn enqueue_threaded<C: ProducerContext + 'static>(
+    producer: &ThreadedProducer<C>,
+    mut rec: BaseRecord<'_, [u8], [u8], C::DeliveryOpaque>,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                rec = r;
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             Err((e, _)) => return Err(e),

@@ -136,6 +136,47 @@ impl UserIndex {
     }
 }
 
+/// Parsed interactions folded together ([`Builder::add_batch`]): their ids
+/// back to back in one buffer (no allocation per event, none freed across
+/// threads when a batch is handed to a fold thread).
+#[derive(Debug, Default)]
+pub struct FoldBatch {
+    text: String,
+    /// End of the user id and of the item id in `text` (each row starts
+    /// where the previous one ended), kind, event time.
+    rows: Vec<(u32, u32, InteractionKind, i64)>,
+}
+
+impl FoldBatch {
+    pub fn with_capacity(n: usize) -> FoldBatch {
+        FoldBatch {
+            text: String::with_capacity(n * 24),
+            rows: Vec::with_capacity(n),
+        }
+    }
+
+    pub fn push(&mut self, user_id: &str, item_id: &str, kind: InteractionKind, time: i64) {
+        self.text.push_str(user_id);
+        let user_end = self.text.len() as u32;
+        self.text.push_str(item_id);
+        self.rows
+            .push((user_end, self.text.len() as u32, kind, time));
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Bytes of ids held (offsets are u32: a batch is sent on well before).
+    pub fn text_len(&self) -> usize {
+        self.text.len()
+    }
+}
+
 /// Events between the pipeline's stages (see the module documentation).
 const AHEAD: usize = 8;
 
@@ -273,21 +314,20 @@ impl Builder {
         self.fold_one(hash_id(user_id), user_id, item_id, kind, time);
     }
 
-    /// Folds a batch of interactions, in order: `rows[i]` is (end of the
-    /// user id, end of the item id, kind, event time), the ids back to back
-    /// in `text` (each row starting where the previous one ended). The
-    /// same result as [`Builder::add_parts`] on each row, with the memory
-    /// accesses of later rows prefetched meanwhile.
-    pub fn add_batch(&mut self, text: &str, rows: &[(u32, u32, InteractionKind, i64)]) {
-        let mut starts = Vec::with_capacity(rows.len());
-        let mut start = 0usize;
+    /// Folds a batch of interactions, in order. The same result as
+    /// [`Builder::add_parts`] on each row, with the memory accesses of
+    /// later rows prefetched meanwhile.
+    pub fn add_batch(&mut self, batch: &FoldBatch) {
+        let (text, rows) = (batch.text.as_str(), batch.rows.as_slice());
+        // Row i's user id starts where row i − 1's item id ended.
+        let start = |i: usize| if i == 0 { 0 } else { rows[i - 1].1 as usize };
         let mut hashes = std::mem::take(&mut self.hashes);
         hashes.clear();
-        for &(user_end, item_end, _, _) in rows {
-            starts.push(start);
-            hashes.push(hash_id(&text[start..user_end as usize]));
-            start = item_end as usize;
-        }
+        hashes.extend(
+            rows.iter()
+                .enumerate()
+                .map(|(i, r)| hash_id(&text[start(i)..r.0 as usize])),
+        );
         let mut hints = std::mem::take(&mut self.hints);
         hints.clear();
         hints.resize(rows.len(), None);
@@ -320,7 +360,7 @@ impl Builder {
             // Fold.
             if let Some(j) = i.checked_sub(3 * AHEAD).filter(|j| *j < n) {
                 let (user_end, item_end, kind, time) = rows[j];
-                let (s, u, it) = (starts[j], user_end as usize, item_end as usize);
+                let (s, u, it) = (start(j), user_end as usize, item_end as usize);
                 self.fold_one(hashes[j], &text[s..u], &text[u..it], kind, time);
             }
         }

@@ -18,7 +18,7 @@ pub mod replay;
 pub mod store;
 
 pub use eval::{evaluate, holdout_eval, Quality};
-pub use fold::Builder;
+pub use fold::{Builder, FoldBatch};
 pub use rank::{Encoded, Ranker};
 pub use rebuild::rebuild_once;
 

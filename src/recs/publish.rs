@@ -10,7 +10,7 @@ use anyhow::Context;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::replay::Range;
 use super::{Candidates, Encoded, Scored, Source, UserRecs};
 use crate::config::Config;
-use crate::kafka;
+use crate::kafka::{self, produce};
 use crate::sinks::redis::{item_neighbours_key, recs_meta_key, recs_popular_key};
 use crate::topics;
 
@@ -365,21 +365,12 @@ impl Publisher {
             let mut pipe = redis::Pipeline::with_capacity(2 * chunk.len());
             let acks = ChunkAcks::new(chunk.len());
             for (user, json) in chunk {
-                let mut rec = BaseRecord::with_opaque_to(&self.topic, acks.clone())
+                let rec = BaseRecord::with_opaque_to(&self.topic, acks.clone())
                     .key(*user)
                     .payload(*json);
-                loop {
-                    match self.producer.send(rec) {
-                        Ok(()) => break,
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                            rec = r;
-                            tokio::time::sleep(Duration::from_millis(2)).await;
-                        }
-                        Err((e, _)) => {
-                            return Err(e).with_context(|| format!("producing to {}", self.topic))
-                        }
-                    }
-                }
+                produce::enqueue_threaded(&self.producer, rec)
+                    .await
+                    .with_context(|| format!("producing to {}", self.topic))?;
                 key.truncate(key_prefix);
                 key.extend_from_slice(user);
                 hset_generation(&mut pipe, &key, self.generation, json, self.ttl);

@@ -1,42 +1,11 @@
 //! One rebuild end to end: replay ∥ fold, then rank ∥ publish
 //! (docs/RECOMMENDATIONS.md, "How a rebuild runs").
 
-use super::{publish, replay, Builder, Encoded};
-use crate::events::InteractionKind;
+use super::{publish, replay, Builder, Encoded, FoldBatch};
 
 /// Parsed interactions handed from the replay to the fold thread at once.
 const FOLD_BATCH: usize = 4_096;
 
-/// A batch of parsed interactions for the fold thread: their ids in one
-/// buffer (no allocation per event, none freed across threads).
-#[derive(Default)]
-struct FoldBatch {
-    text: String,
-    /// End of the user id and of the item id in `text` (each row starts
-    /// where the previous one ended), kind, event time.
-    rows: Vec<(u32, u32, InteractionKind, i64)>,
-}
-
-impl FoldBatch {
-    fn with_capacity(n: usize) -> FoldBatch {
-        FoldBatch {
-            text: String::with_capacity(n * 24),
-            rows: Vec::with_capacity(n),
-        }
-    }
-
-    fn push(&mut self, e: &crate::events::InteractionRef<'_>) {
-        self.text.push_str(&e.user_id);
-        let user_end = self.text.len() as u32;
-        self.text.push_str(&e.item_id);
-        self.rows
-            .push((user_end, self.text.len() as u32, e.kind, e.event_time));
-    }
-
-    fn fold_into(&self, b: &mut Builder) {
-        b.add_batch(&self.text, &self.rows);
-    }
-}
 /// Users ranked per chunk handed to the publisher.
 const RANK_CHUNK: usize = 10_000;
 
@@ -67,7 +36,7 @@ pub async fn rebuild_once(
             .spawn(move || {
                 let mut b = Builder::new(&recs_cfg);
                 for batch in rx {
-                    batch.fold_into(&mut b);
+                    b.add_batch(&batch);
                 }
                 b
             })
@@ -79,10 +48,10 @@ pub async fn rebuild_once(
             &limits,
             &cancel,
             |e| {
-                batch.push(&e);
+                batch.push(&e.user_id, &e.item_id, e.kind, e.event_time);
                 // Sent by count, or by size (offsets are u32; ids can be
                 // as long as a message).
-                if batch.rows.len() >= FOLD_BATCH || batch.text.len() >= 1 << 26 {
+                if batch.len() >= FOLD_BATCH || batch.text_len() >= 1 << 26 {
                     let full = std::mem::replace(&mut batch, FoldBatch::with_capacity(FOLD_BATCH));
                     // Fails only when the fold thread is gone (a panic,
                     // reported by the join below).
@@ -91,7 +60,7 @@ pub async fn rebuild_once(
             },
             progress,
         );
-        if !batch.rows.is_empty() {
+        if !batch.is_empty() {
             let _ = tx.send(batch);
         }
         drop(tx);

@@ -153,15 +153,11 @@ fn candidates_beat_popularity_on_taste_structured_data() {
 fn fold_batches(events: &[Interaction], cfg: &RecsConfig, batch: usize) -> Builder {
     let mut b = Builder::new(cfg);
     for chunk in events.chunks(batch) {
-        let mut text = String::new();
-        let mut rows = Vec::new();
+        let mut fb = FoldBatch::with_capacity(chunk.len());
         for e in chunk {
-            text.push_str(&e.user_id);
-            let u = text.len() as u32;
-            text.push_str(&e.item_id);
-            rows.push((u, text.len() as u32, e.kind, e.event_time));
+            fb.push(&e.user_id, &e.item_id, e.kind, e.event_time);
         }
-        b.add_batch(&text, &rows);
+        b.add_batch(&fb);
     }
     b
 }
