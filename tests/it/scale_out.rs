@@ -30,28 +30,6 @@ const MERCHANTS: usize = 40;
 /// cores.
 const CATCH_UP: Duration = Duration::from_secs(20);
 
-/// A log line without its colour codes.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn json(r: &Record) -> serde_json::Value {
-    serde_json::from_slice(&r.payload).expect("JSON record")
-}
-
 /// The merchant features of every merchant over all `txns`, at `at`, as a
 /// single process computes them.
 fn single_run_merchants(
@@ -162,30 +140,8 @@ fn three_instances_merchant_features_from_the_replicated_table() {
         .sum();
     eprintln!("partitions resumed by the broker before their committed offset (skipped, not rescored): {resumed_before}");
     if dups > 0 {
-        let mut by_part: HashMap<String, usize> = HashMap::new();
-        for r in &scores {
-            let v = json(r);
-            if counts[v["txn_id"].as_str().expect("id")] > 1 {
-                *by_part
-                    .entry(format!("{}", v["source"]["partition"]))
-                    .or_default() += 1;
-            }
-        }
-        let mut lines = String::new();
-        for (i, r) in [&a, &b, &c, &d].into_iter().enumerate() {
-            let _ = std::fs::copy(&r.log, format!("/tmp/scale_out-failed-{i}.log"));
-            lines += &format!("{}:\n", r.log.display());
-            for l in r.log_text().lines().filter(|l| {
-                l.contains("revoke")
-                    || l.contains("WARN")
-                    || l.contains("commit")
-                    || l.contains("warm-up:")
-            }) {
-                lines += &strip_ansi(l);
-                lines.push('\n');
-            }
-        }
-        panic!("{dups} events scored twice across graceful rebalances; records by source partition {by_part:?}\n{lines}");
+        let report = duplicate_report(&scores, &counts, &[&a, &b, &c, &d], "scale_out");
+        panic!("{dups} events scored twice across graceful rebalances\n{report}");
     }
     let mismatches = user_feature_mismatches(&scores, &want_users);
     assert!(

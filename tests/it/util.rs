@@ -1004,3 +1004,95 @@ impl Drop for OwnRedis {
         }
     }
 }
+
+/// A log line without its colour codes.
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A record's JSON payload.
+pub fn json(r: &Record) -> serde_json::Value {
+    serde_json::from_slice(&r.payload).expect("JSON record")
+}
+
+/// What a failing zero-duplicate test needs to say so the cause can be
+/// found from CI output alone: per source partition, the offsets scored
+/// twice (first and last) and when each copy was scored, then every
+/// line of the scoring group's protocol (rebalance, revoke, commit),
+/// warm-ups, warnings and the stop of each process. The full logs are copied to `/tmp/{name}-failed-{i}.log`.
+pub fn duplicate_report(
+    scores: &[Record],
+    counts: &HashMap<String, usize>,
+    procs: &[&RunningProcess],
+    name: &str,
+) -> String {
+    // source partition -> (offset, scored_at) of every duplicated copy
+    let mut by_part: std::collections::BTreeMap<i64, Vec<(i64, String)>> = Default::default();
+    for r in scores {
+        let v = json(r);
+        let id = v["txn_id"].as_str().unwrap_or_default();
+        if counts.get(id).copied().unwrap_or(0) > 1 {
+            by_part
+                .entry(v["source"]["partition"].as_i64().unwrap_or(-1))
+                .or_default()
+                .push((
+                    v["source"]["offset"].as_i64().unwrap_or(-1),
+                    v["scored_at"].to_string(),
+                ));
+        }
+    }
+    let mut out = String::from("duplicated copies by source partition:\n");
+    for (p, mut copies) in by_part {
+        copies.sort();
+        // Per offset, the earlier copy first: split into first and second
+        // scorings, each with the span of times it was scored in.
+        let span = |nth: usize| {
+            let mut t: Vec<&String> = copies
+                .chunk_by(|x, y| x.0 == y.0)
+                .filter_map(|c| c.get(nth).map(|x| &x.1))
+                .collect();
+            t.sort();
+            match (t.first(), t.last()) {
+                (Some(a), Some(b)) => format!("{a} .. {b}"),
+                _ => "-".to_string(),
+            }
+        };
+        out += &format!(
+            "  partition {p}: {} copies, offsets {}..={}, first scored {}, again {}\n",
+            copies.len(),
+            copies[0].0,
+            copies[copies.len() - 1].0,
+            span(0),
+            span(1)
+        );
+    }
+    for (i, r) in procs.iter().enumerate() {
+        let _ = std::fs::copy(&r.log, format!("/tmp/{name}-failed-{i}.log"));
+        out += &format!("{}:\n", r.log.display());
+        for l in r.log_text().lines().filter(|l| {
+            l.contains("pipeline::context")
+                || l.contains("warm-up:")
+                || l.contains("WARN")
+                || l.contains("ERROR")
+                || l.contains("shutting down")
+                || l.contains("stopped")
+        }) {
+            out += &strip_ansi(l);
+            out.push('\n');
+        }
+    }
+    out
+}
