@@ -20,6 +20,7 @@ use super::{Candidates, Encoded, Scored, Source, UserRecs};
 use crate::config::Config;
 use crate::kafka::{self, produce};
 use crate::sinks::redis::{item_neighbours_key, recs_meta_key, recs_popular_key};
+use crate::sinks::redis_bulk::{push_hset_expire, BulkWriter};
 use crate::topics;
 
 /// One user's record (schemas/recommendation.json).
@@ -182,15 +183,10 @@ pub fn generation_field(generation: u64) -> u64 {
     generation % 2
 }
 
-/// Writes one generation's value into a pipeline: field
-/// [`generation_field`] of `key` (a hash), TTL renewed.
-fn hset_generation(pipe: &mut redis::Pipeline, key: &[u8], generation: u64, json: &[u8], ttl: u64) {
-    pipe.cmd("HSET")
-        .arg(key)
-        .arg(generation_field(generation))
-        .arg(json)
-        .ignore();
-    pipe.cmd("EXPIRE").arg(key).arg(ttl).ignore();
+/// Appends one generation's value as RESP: field [`generation_field`] of
+/// `key` (a hash), TTL renewed.
+fn hset_generation(buf: &mut Vec<u8>, key: &[u8], generation: u64, json: &[u8], ttl: u64) {
+    push_hset_expire(buf, key, generation_field(generation), json, ttl);
 }
 
 /// The delivery reports of one chunk's topic records, counted down by
@@ -253,7 +249,7 @@ impl ProducerContext for RecsProducerContext {
 type RecsProducer = ThreadedProducer<RecsProducerContext>;
 
 /// Users per chunk: their topic records are produced together, and once
-/// all are delivered their Redis values go in one pipeline.
+/// all are delivered their Redis values are sent together.
 const CHUNK: usize = 1_000;
 /// Chunks that may be in flight at once (20,000 users: bounded memory,
 /// and librdkafka batches meanwhile).
@@ -275,7 +271,10 @@ const CHUNKS_IN_FLIGHT: usize = 20;
 /// rebuild leaves part of its generation on the topic, recognisable by a
 /// `generation` above the one `recs:meta` names.
 pub struct Publisher {
+    /// `recs:meta` is read and written through it.
     con: redis::aio::MultiplexedConnection,
+    /// Every other value of the generation goes through it.
+    bulk: BulkWriter,
     producer: RecsProducer,
     transactional: bool,
     topic: String,
@@ -286,12 +285,21 @@ pub struct Publisher {
     ttl: u64,
     digest: Digest,
     users: usize,
-    /// Chunks in flight: each task awaits its topic deliveries, then
-    /// writes its Redis pipeline (Redis never holds a value whose topic
-    /// record was not delivered), while the next users are serialised.
-    in_flight: std::collections::VecDeque<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// Chunks whose topic records are on their way, oldest first, each with
+    /// its Redis commands (RESP), sent once the records are delivered
+    /// (Redis never holds a value whose topic record was not delivered),
+    /// while the next users are produced.
+    in_flight: std::collections::VecDeque<Chunk>,
+    /// Command buffers sent, to be written into again.
+    spare: Vec<Vec<u8>>,
     /// Time spent waiting for chunks in flight (topic and Redis).
     pub wait: Duration,
+}
+
+struct Chunk {
+    acks: Arc<ChunkAcks>,
+    resp: Vec<u8>,
+    commands: u64,
 }
 
 impl Publisher {
@@ -303,6 +311,7 @@ impl Publisher {
         let generation = super::store::read_meta(&mut con, &prefix)
             .await?
             .map_or(1, |m| m.generation + 1);
+        let bulk = BulkWriter::connect(&cfg.redis.url).await?;
         let transactional = cfg.recs.topic_transactions;
         let producer = if transactional {
             let p = transactional_producer(cfg).await?;
@@ -316,6 +325,7 @@ impl Publisher {
         };
         Ok(Publisher {
             con,
+            bulk,
             producer,
             transactional,
             topic: cfg.topic(topics::RECOMMENDATIONS),
@@ -327,6 +337,7 @@ impl Publisher {
             digest: Digest::new(),
             users: 0,
             in_flight: std::collections::VecDeque::new(),
+            spare: Vec::new(),
             wait: Duration::ZERO,
         })
     }
@@ -362,7 +373,8 @@ impl Publisher {
         let mut key = format!("{}recs:", self.prefix).into_bytes();
         let key_prefix = key.len();
         for chunk in records.chunks(CHUNK) {
-            let mut pipe = redis::Pipeline::with_capacity(2 * chunk.len());
+            let mut resp = self.spare.pop().unwrap_or_default();
+            resp.clear();
             let acks = ChunkAcks::new(chunk.len());
             for (user, json) in chunk {
                 let rec = BaseRecord::with_opaque_to(&self.topic, acks.clone())
@@ -373,18 +385,13 @@ impl Publisher {
                     .with_context(|| format!("producing to {}", self.topic))?;
                 key.truncate(key_prefix);
                 key.extend_from_slice(user);
-                hset_generation(&mut pipe, &key, self.generation, json, self.ttl);
+                hset_generation(&mut resp, &key, self.generation, json, self.ttl);
             }
-            let mut con = self.con.clone();
-            let topic = self.topic.clone();
-            self.in_flight.push_back(tokio::spawn(async move {
-                acks.delivered()
-                    .await
-                    .with_context(|| format!("delivering to {topic}"))?;
-                pipe.query_async::<()>(&mut con)
-                    .await
-                    .context("writing recs:{user} to Redis")
-            }));
+            self.in_flight.push_back(Chunk {
+                acks,
+                resp,
+                commands: 2 * chunk.len() as u64,
+            });
             let t = std::time::Instant::now();
             while self.in_flight.len() > CHUNKS_IN_FLIGHT {
                 self.oldest_done().await?;
@@ -394,10 +401,19 @@ impl Publisher {
         Ok(())
     }
 
-    /// Waits for the oldest chunk in flight.
+    /// Waits for the oldest chunk's topic deliveries, then sends its Redis
+    /// commands.
     async fn oldest_done(&mut self) -> anyhow::Result<()> {
-        if let Some(h) = self.in_flight.pop_front() {
-            h.await.context("publishing task")??;
+        if let Some(c) = self.in_flight.pop_front() {
+            c.acks
+                .delivered()
+                .await
+                .with_context(|| format!("delivering to {}", self.topic))?;
+            self.bulk
+                .send(&c.resp, c.commands)
+                .await
+                .context("writing recs:{user} to Redis")?;
+            self.spare.push(c.resp);
         }
         Ok(())
     }
@@ -415,19 +431,21 @@ impl Publisher {
         while !self.in_flight.is_empty() {
             self.oldest_done().await?;
         }
+        let mut resp = self.spare.pop().unwrap_or_default();
         for chunk in neighbours.chunks(1_000) {
-            let mut pipe = redis::pipe();
+            resp.clear();
             for (item, list) in chunk {
                 let json = serde_json::to_vec(list).context("serialising neighbours")?;
                 hset_generation(
-                    &mut pipe,
+                    &mut resp,
                     item_neighbours_key(&prefix, item).as_bytes(),
                     generation,
                     &json,
                     ttl,
                 );
             }
-            pipe.query_async::<()>(&mut self.con)
+            self.bulk
+                .send(&resp, 2 * chunk.len() as u64)
                 .await
                 .context("writing item neighbours to Redis")?;
         }
@@ -437,17 +455,23 @@ impl Publisher {
             "generation": generation,
             "built_at": self.built_at,
         });
-        let mut pipe = redis::pipe();
+        resp.clear();
         hset_generation(
-            &mut pipe,
+            &mut resp,
             recs_popular_key(&prefix).as_bytes(),
             generation,
             popular_json.to_string().as_bytes(),
             ttl,
         );
-        pipe.query_async::<()>(&mut self.con)
+        self.bulk
+            .send(&resp, 2)
             .await
             .context("writing recs:popular")?;
+        // Every value of the generation answered by Redis without an error.
+        self.bulk
+            .finish()
+            .await
+            .context("writing the generation to Redis")?;
         // The topic's generation becomes visible, then Redis' (a crash
         // between the two leaves Redis one generation behind the topic,
         // never ahead).

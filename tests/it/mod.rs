@@ -8,6 +8,7 @@ mod prometheus;
 mod rebalance;
 mod recovery;
 mod recs;
+mod redis_bulk;
 mod redis_outage;
 mod restart;
 mod scale_out;
