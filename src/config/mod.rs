@@ -84,13 +84,18 @@ impl Default for KafkaConfig {
 
 /// Consumer defaults. `fetch.wait.max.ms` low keeps latency down on brokers
 /// that hold every fetch for the full wait (seen on tansu); a 100 ms
-/// `fetch.queue.backoff.ms` avoids ~1 s stalls during catch-up.
+/// `fetch.queue.backoff.ms` avoids ~1 s stalls during catch-up. Heartbeats
+/// every second (librdkafka: 3 s): tansu counts only heartbeats as signs of
+/// life, and a member's first one after a rebalance comes one interval
+/// after its sync; a member silent for `session.timeout.ms` across revoke,
+/// rejoin and that interval is evicted while it still processes.
 fn default_consumer_options() -> BTreeMap<String, String> {
     [
         ("fetch.wait.max.ms", "10"),
         ("fetch.queue.backoff.ms", "100"),
         ("auto.offset.reset", "earliest"),
         ("session.timeout.ms", "10000"),
+        ("heartbeat.interval.ms", "1000"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
