@@ -52,7 +52,8 @@ pub struct BulkWriter {
     /// The number of commands sent, once no more will be (the reader stops
     /// when it has counted that many replies).
     done_tx: watch::Sender<Option<u64>>,
-    reader: JoinHandle<anyhow::Result<u64>>,
+    /// Taken when awaited (once: its error is the load's).
+    reader: Option<JoinHandle<anyhow::Result<u64>>>,
 }
 
 impl BulkWriter {
@@ -120,7 +121,7 @@ impl BulkWriter {
             sent: 0,
             handshake: 0,
             done_tx,
-            reader,
+            reader: Some(reader),
         };
         let mut hello = Vec::new();
         if let Some(pass) = &info.redis.password {
@@ -149,7 +150,7 @@ impl BulkWriter {
 
     /// Sends `resp`, which holds `commands` whole commands.
     pub async fn send(&mut self, resp: &[u8], commands: u64) -> anyhow::Result<()> {
-        if self.reader.is_finished() {
+        if self.reader.as_ref().is_none_or(JoinHandle::is_finished) {
             // The reader only stops early on an error: report it.
             return Err(self.finish_reader().await.err().unwrap_or_else(|| {
                 anyhow!("the Redis reply reader stopped before the load finished")
@@ -174,7 +175,10 @@ impl BulkWriter {
     }
 
     async fn finish_reader(&mut self) -> anyhow::Result<u64> {
-        (&mut self.reader).await.context("Redis reply reader")?
+        match self.reader.take() {
+            Some(r) => r.await.context("Redis reply reader")?,
+            None => bail!("the bulk load to Redis already failed"),
+        }
     }
 }
 
