@@ -64,14 +64,10 @@ pub(super) async fn consume_loop(
             };
             match next {
                 Ok(Ok(m)) => {
-                    if stage.revoked.pending() {
-                        // A revocation happened inside this recv: what this
-                        // batch holds of those partitions is not scored.
-                        let gone = stage.forget_revoked();
-                        accepted.retain(|s| !gone.contains(&s.source.partition));
-                        rejected.retain(|r| !gone.contains(&r.source.partition));
-                        offsets.retain(|p, _| !gone.contains(p));
-                    }
+                    // A revocation inside this recv: what the batch holds
+                    // of those partitions goes, before `m` (of the new
+                    // assignment) is taken.
+                    drop_revoked(stage, &mut accepted, &mut rejected, &mut offsets);
                     stage
                         .before_take(consumer, &m, &mut accepted, &mut rejected, &mut offsets)
                         .await?;
@@ -84,6 +80,12 @@ pub(super) async fn consume_loop(
                 Err(_) => break,
             }
         }
+        // A revocation inside a recv that returned no message (the batch's
+        // deadline passed, or an error): the batch must not be emitted
+        // with those partitions' messages. Their offsets are committed
+        // already, so the next owner starts after what was *processed*:
+        // scored now, these would be scored twice (seen in CI).
+        drop_revoked(stage, &mut accepted, &mut rejected, &mut offsets);
         stage
             .metrics
             .batch_size
@@ -97,4 +99,21 @@ pub(super) async fn consume_loop(
             anyhow::bail!("the acker stopped; see the error above");
         }
     }
+}
+
+/// Removes from the batch being collected every message of a partition
+/// revoked since the last call (revocations happen inside `recv`).
+fn drop_revoked(
+    stage: &mut Stage,
+    accepted: &mut Vec<super::Scored>,
+    rejected: &mut Vec<super::Rejected>,
+    offsets: &mut HashMap<i32, i64>,
+) {
+    if !stage.revoked.pending() {
+        return;
+    }
+    let gone = stage.forget_revoked();
+    accepted.retain(|s| !gone.contains(&s.source.partition));
+    rejected.retain(|r| !gone.contains(&r.source.partition));
+    offsets.retain(|p, _| !gone.contains(p));
 }
