@@ -746,10 +746,20 @@ pub fn spawn_feeder(
     records: Vec<(String, Vec<u8>)>,
     chunk: usize,
 ) -> std::thread::JoinHandle<()> {
+    spawn_feeder_every(topic, records, chunk, Duration::from_millis(100))
+}
+
+/// [`spawn_feeder`] with `pause` between chunks.
+pub fn spawn_feeder_every(
+    topic: String,
+    records: Vec<(String, Vec<u8>)>,
+    chunk: usize,
+    pause: Duration,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for c in records.chunks(chunk) {
             produce_all(&topic, c);
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(pause);
         }
     })
 }
