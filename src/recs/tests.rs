@@ -68,10 +68,7 @@ fn a_user_whose_history_has_no_neighbour_gets_the_popular_list() {
 
 #[test]
 fn same_input_same_output() {
-    let events: Vec<Interaction> =
-        InteractionGenerator::new(3, 500, 2_000, 1_764_000_000_000, 50.0)
-            .take(20_000)
-            .collect();
+    let events = generated(3, 500, 2_000, 50.0, 20_000);
     assert_eq!(build(&events), build(&events));
 }
 
@@ -84,7 +81,7 @@ fn neighbour_lists_stay_bounded() {
     let mut b = Builder::new(&cfg);
     // Pairs are merged into the lists (and pruned) every 1,000 here.
     b.pair_batch = 1_000;
-    for e in InteractionGenerator::new(4, 200, 500, 1_764_000_000_000, 50.0).take(20_000) {
+    for e in generated(4, 200, 500, 50.0, 20_000) {
         b.add(&e);
         assert!(b.pairs.len() < 1_000);
     }
@@ -103,10 +100,7 @@ fn neighbour_lists_stay_bounded() {
 
 #[test]
 fn ranking_in_chunks_on_threads_equals_ranking_at_once() {
-    let events: Vec<Interaction> =
-        InteractionGenerator::new(6, 3_000, 2_000, 1_764_000_000_000, 50.0)
-            .take(30_000)
-            .collect();
+    let events = generated(6, 3_000, 2_000, 50.0, 30_000);
     let whole = build(&events);
     let mut b = Builder::new(&RecsConfig::default());
     for e in &events {
@@ -136,10 +130,7 @@ fn ranking_in_chunks_on_threads_equals_ranking_at_once() {
 
 #[test]
 fn candidates_beat_popularity_on_taste_structured_data() {
-    let events: Vec<Interaction> =
-        InteractionGenerator::new(5, 2_000, 5_000, 1_764_000_000_000, 100.0)
-            .take(60_000)
-            .collect();
+    let events = generated(5, 2_000, 5_000, 100.0, 60_000);
     let (cands, popular) = holdout_eval(&events, &RecsConfig::default());
     assert!(cands.users > 1_000);
     assert!(
@@ -148,6 +139,14 @@ fn candidates_beat_popularity_on_taste_structured_data() {
         cands.recall,
         popular.recall
     );
+}
+
+/// `n` generated interactions (seed, users, items, mean gap in ms), from
+/// the generator's fixed start time.
+fn generated(seed: u64, users: usize, items: usize, gap_ms: f64, n: usize) -> Vec<Interaction> {
+    InteractionGenerator::new(seed, users, items, 1_764_000_000_000, gap_ms)
+        .take(n)
+        .collect()
 }
 
 fn fold_batches(events: &[Interaction], cfg: &RecsConfig, batch: usize) -> Builder {
@@ -165,10 +164,7 @@ fn fold_batches(events: &[Interaction], cfg: &RecsConfig, batch: usize) -> Build
 #[test]
 fn folding_in_prefetched_batches_equals_folding_one_by_one() {
     // Enough users for the user index to grow several times.
-    let events: Vec<Interaction> =
-        InteractionGenerator::new(7, 20_000, 3_000, 1_764_000_000_000, 50.0)
-            .take(60_000)
-            .collect();
+    let events = generated(7, 20_000, 3_000, 50.0, 60_000);
     let one_by_one = build(&events);
     for batch in [1, 7, 4_096] {
         let b = fold_batches(&events, &RecsConfig::default(), batch);
@@ -186,9 +182,7 @@ fn when_nothing_is_pruned_merging_pairs_late_changes_nothing() {
         max_neighbours: 10_000,
         ..RecsConfig::default()
     };
-    let events: Vec<Interaction> = InteractionGenerator::new(8, 300, 400, 1_764_000_000_000, 50.0)
-        .take(10_000)
-        .collect();
+    let events = generated(8, 300, 400, 50.0, 10_000);
     let mut every = Builder::new(&cfg);
     every.pair_batch = 1;
     let mut late = Builder::new(&cfg);
@@ -203,10 +197,7 @@ fn when_nothing_is_pruned_merging_pairs_late_changes_nothing() {
 #[test]
 fn encoded_records_are_the_serialised_records_and_hash_like_the_digest() {
     use publish::{Digest, RecRecord};
-    let mut events: Vec<Interaction> =
-        InteractionGenerator::new(9, 400, 500, 1_764_000_000_000, 50.0)
-            .take(8_000)
-            .collect();
+    let mut events = generated(9, 400, 500, 50.0, 8_000);
     // Ids that need escaping, and a user with no neighbours.
     events.push(ev(
         "quote\"d\\user\u{1}é",
