@@ -15,9 +15,22 @@ use rdkafka::ClientContext;
 pub(crate) struct Revocations {
     pending: AtomicBool,
     partitions: Mutex<Vec<i32>>,
+    /// When the current assignment was received.
+    assigned_at: Mutex<Option<Instant>>,
 }
 
 impl Revocations {
+    fn assigned(&self) {
+        if let Ok(mut t) = self.assigned_at.lock() {
+            *t = Some(Instant::now());
+        }
+    }
+
+    /// When the current assignment was received (None before the first).
+    pub(crate) fn assigned_at(&self) -> Option<Instant> {
+        self.assigned_at.lock().ok().and_then(|t| *t)
+    }
+
     fn push(&self, partitions: Vec<i32>) {
         if let Ok(mut p) = self.partitions.lock() {
             p.extend(partitions);
@@ -234,8 +247,10 @@ impl ConsumerContext for PipelineContext {
     ) {
         let (kind, partitions) = describe(rebalance);
         tracing::info!(kind, ?partitions, "rebalance: after");
-        if let Rebalance::Revoke(_) = rebalance {
-            self.revoked.push(partitions);
+        match rebalance {
+            Rebalance::Revoke(_) => self.revoked.push(partitions),
+            Rebalance::Assign(_) => self.revoked.assigned(),
+            Rebalance::Error(_) => {}
         }
     }
 }

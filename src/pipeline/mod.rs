@@ -102,6 +102,12 @@ struct Stage {
     health: Arc<Health>,
     /// Partitions whose windows were rebuilt since they were assigned.
     warmed: HashSet<i32>,
+    /// The partitions of the last revocation: this process committed their
+    /// offsets itself, synchronously, so taking one back needs no settle.
+    last_revoked: HashSet<i32>,
+    /// How long after an assignment a partition new to this process waits
+    /// before its committed offset is read (see `resume::settled_offset`).
+    assign_settle: Duration,
     /// The replicated merchant-features table.
     table: Arc<MerchantTable>,
     /// Where accepted events are forwarded, keyed by merchant.
@@ -468,6 +474,8 @@ pub async fn run(
         in_topic: in_topic.clone(),
         health: health.clone(),
         warmed: HashSet::new(),
+        last_revoked: HashSet::new(),
+        assign_settle: resume::assign_settle(&cfg),
         table: table.clone(),
         repartition_topic: repartition_topic.into(),
         revoked,

@@ -35,7 +35,8 @@ impl Stage {
             return Ok(());
         }
         let score_from = self
-            .committed_offset(consumer, m.partition())
+            .settled_offset(consumer, m.partition())
+            .await
             .unwrap_or(m.offset());
         let limits = self.limits.for_replay();
         let event_time =
@@ -84,6 +85,42 @@ impl Stage {
         Ok(())
     }
 
+    /// The committed offset to score `partition` from. A partition this
+    /// process did not just hold may still be worked on by its previous
+    /// owner: tansu 0.6 hands partitions to a joining member without
+    /// waiting for their owner to rejoin (Kafka's coordinator waits), and
+    /// the owner only learns of the rebalance at its next heartbeat, then
+    /// revokes and commits. So the offset is read once a heartbeat interval
+    /// and a commit interval have passed since the assignment; what the
+    /// previous owner scored meanwhile is then below it and skipped as a
+    /// redelivery (seen in CI: 30 events of a partition scored by both).
+    /// A partition with no committed offset, or one this process revoked
+    /// itself (its offsets committed synchronously), does not wait.
+    async fn settled_offset(&self, consumer: &Consumer_, partition: i32) -> Option<i64> {
+        let first = self.committed_offset(consumer, partition)?;
+        if self.last_revoked.contains(&partition) {
+            return Some(first);
+        }
+        let Some(at) = self.revoked.assigned_at() else {
+            return Some(first);
+        };
+        let wait = (at + self.assign_settle).saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            return Some(first);
+        }
+        tokio::time::sleep(wait).await;
+        let settled = self.committed_offset(consumer, partition).unwrap_or(first);
+        if settled != first {
+            tracing::info!(
+                partition,
+                at_assignment = first,
+                settled,
+                "the previous owner committed after the assignment"
+            );
+        }
+        Some(settled.max(first))
+    }
+
     /// The group's committed offset of `partition`, if there is one.
     fn committed_offset(&self, consumer: &Consumer_, partition: i32) -> Option<i64> {
         let mut tpl = TopicPartitionList::new();
@@ -101,6 +138,9 @@ impl Stage {
     /// Drops the state of partitions revoked since the last call.
     pub(super) fn forget_revoked(&mut self) -> Vec<i32> {
         let revoked = self.revoked.take();
+        if !revoked.is_empty() {
+            self.last_revoked = revoked.iter().copied().collect();
+        }
         for &p in &revoked {
             self.next_offset.remove(&p);
             if self.warmed.remove(&p) {
@@ -169,4 +209,18 @@ impl Stage {
         self.warmed.insert(partition);
         Ok(stats.gap)
     }
+}
+
+/// [`Stage::settled_offset`]'s wait: the previous owner's heartbeat
+/// interval (`heartbeat.interval.ms` of `[kafka.consumer]`, librdkafka's
+/// 3 s when unset) plus its commit interval (the group's instances share
+/// their configuration).
+pub(super) fn assign_settle(cfg: &crate::config::Config) -> Duration {
+    let heartbeat_ms = cfg
+        .kafka
+        .consumer
+        .get("heartbeat.interval.ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(3_000);
+    Duration::from_millis(heartbeat_ms) + cfg.processing.commit_interval
 }
