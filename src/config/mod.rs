@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 mod recs;
 mod serving;
-pub use recs::RecsConfig;
+pub use recs::{Compression, RecsConfig};
 pub use serving::{MerchantsConfig, ServingConfig, SessionsConfig};
 
 /// Prefix of environment overrides; `__` separates nesting levels.
@@ -486,6 +486,7 @@ mod tests {
         assert_eq!(cfg.processing, ProcessingConfig::default());
         assert_eq!(cfg.windows, WindowConfig::default());
         assert_eq!(cfg.kafka.consumer, default_consumer_options());
+        assert_eq!(cfg.recs.compression, RecsConfig::default().compression);
     }
 
     #[test]
@@ -512,6 +513,16 @@ mod tests {
     fn bad_duration_names_the_field() {
         let err = Config::from_toml_str("[processing]\nbatch_max_wait = \"soon\"\n").unwrap_err();
         assert!(format!("{err}").contains("batch_max_wait"), "{err}");
+    }
+
+    #[test]
+    fn bad_compression_names_the_field_and_a_codec() {
+        let err = Config::from_toml_str("[recs]\ncompression = \"zstd\"\n").unwrap_err();
+        let msg = format!("{err}");
+        assert!(msg.contains("compression"), "{msg}");
+        assert!(msg.contains("lz4"), "{msg}");
+        let cfg = Config::from_toml_str("[recs]\ncompression = \"none\"\n").expect("loads");
+        assert_eq!(cfg.recs.compression, Compression::None);
     }
 
     #[test]

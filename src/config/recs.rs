@@ -43,11 +43,40 @@ pub struct RecsConfig {
     /// of its generation visible to `read_committed` readers. Needs a broker
     /// with transactions (Kafka ≥ 0.11); tansu 0.6 has none (set false).
     pub topic_transactions: bool,
+    /// Compression of the records a rebuild produces to the
+    /// `recommendations` topic (librdkafka `compression.type` of its
+    /// producer, set over `[kafka.producer]`). A generation's records
+    /// repeat the same field names and offsets; with lz4 the broker takes
+    /// half the CPU to store them (docs/BENCHMARKS.md).
+    pub compression: Compression,
     /// Weights of view, click, add_to_cart and purchase.
     pub weight_view: f64,
     pub weight_click: f64,
     pub weight_add_to_cart: f64,
     pub weight_purchase: f64,
+}
+
+/// A Kafka producer compression codec this build of librdkafka has
+/// (zstd is not built in).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+}
+
+impl Compression {
+    /// The librdkafka `compression.type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+        }
+    }
 }
 
 impl Default for RecsConfig {
@@ -64,6 +93,7 @@ impl Default for RecsConfig {
             popular_k: 100,
             ttl: Duration::from_secs(24 * 3600),
             topic_transactions: true,
+            compression: Compression::Lz4,
             weight_view: 1.0,
             weight_click: 2.0,
             weight_add_to_cart: 4.0,

@@ -319,7 +319,7 @@ impl Publisher {
                 .context("beginning the recommendations transaction")?;
             p
         } else {
-            kafka::producer_config(&cfg.kafka)
+            producer_config(cfg)
                 .create_with_context(RecsProducerContext)
                 .context("creating the Kafka producer")?
         };
@@ -513,12 +513,20 @@ impl Publisher {
     }
 }
 
+/// The configuration of the `recommendations` producer: `[kafka.producer]`,
+/// then `recs.compression`.
+pub fn producer_config(cfg: &Config) -> rdkafka::ClientConfig {
+    let mut cc = kafka::producer_config(&cfg.kafka);
+    cc.set("compression.type", cfg.recs.compression.as_str());
+    cc
+}
+
 /// The producer of the `recommendations` topic: transactional, with a fixed
 /// id per consumer group, so starting it fences (and aborts) the open
 /// transaction of a rebuild that died.
 async fn transactional_producer(cfg: &Config) -> anyhow::Result<RecsProducer> {
     let id = format!("{}.recs-publisher", cfg.kafka.group_id);
-    let producer: RecsProducer = kafka::producer_config(&cfg.kafka)
+    let producer: RecsProducer = producer_config(cfg)
         .set("transactional.id", &id)
         .create_with_context(RecsProducerContext)
         .context("creating the Kafka producer")?;

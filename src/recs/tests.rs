@@ -291,3 +291,25 @@ fn scores_are_written_in_plain_decimals_that_parse_back_exactly() {
     rank::write_score(&mut buf, 1e300);
     assert_eq!(serde_json::from_slice::<f64>(&buf).unwrap(), 1e300);
 }
+
+#[test]
+fn the_recommendations_producer_compresses_with_recs_compression_over_kafka_producer() {
+    let mut cfg = crate::config::Config::default();
+    cfg.kafka
+        .producer
+        .insert("compression.type".into(), "snappy".into());
+    assert_eq!(
+        publish::producer_config(&cfg).get("compression.type"),
+        Some("lz4")
+    );
+    cfg.recs.compression = crate::config::Compression::None;
+    assert_eq!(
+        publish::producer_config(&cfg).get("compression.type"),
+        Some("none")
+    );
+    // Other producers keep [kafka.producer].
+    assert_eq!(
+        crate::kafka::producer_config(&cfg.kafka).get("compression.type"),
+        Some("snappy")
+    );
+}
