@@ -9,7 +9,8 @@
 # ROUNDS=N repeats read-then-rebuild N times (this machine is noisy: compare
 # each rebuild with the reads beside it); a last read ends the run.
 # BASELINE_BIN=path/to/another/streamscore also times that build's rebuild
-# on the same data afterwards (a before/after comparison in one run).
+# on the same data right after each round's rebuild (a before/after
+# comparison in one run, alternating).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -36,12 +37,12 @@ for round in $(seq 1 "${ROUNDS:-1}"); do
   /usr/bin/time -v "$BIN" --config "$CFG" rebuild 2>"$RUN_DIR/rebuild.err" >"$RUN_DIR/meta.json"
   grep -E "^rebuild: generation|rebuild phases" "$RUN_DIR/rebuild.err" | sed "s/\x1b\[[0-9;]*m//g"
   grep -E "Maximum resident|Elapsed|User time|System time" "$RUN_DIR/rebuild.err"
+  if [ -n "${BASELINE_BIN:-}" ]; then
+    log "round $round: baseline $BASELINE_BIN"
+    /usr/bin/time -v "$BASELINE_BIN" --config "$CFG" rebuild 2>"$RUN_DIR/baseline.err" >/dev/null
+    grep -E "^rebuild: generation|rebuild phases" "$RUN_DIR/baseline.err" | sed "s/\x1b\[[0-9;]*m//g"
+    grep -E "Maximum resident|Elapsed|User time|System time" "$RUN_DIR/baseline.err"
+  fi
 done
-if [ -n "${BASELINE_BIN:-}" ]; then
-  log "baseline: $BASELINE_BIN"
-  /usr/bin/time -v "$BASELINE_BIN" --config "$CFG" rebuild 2>"$RUN_DIR/baseline.err" >/dev/null
-  grep -E "^rebuild: generation|rebuild phases" "$RUN_DIR/baseline.err" | sed "s/\x1b\[[0-9;]*m//g"
-  grep -E "Maximum resident|Elapsed|User time|System time" "$RUN_DIR/baseline.err"
-fi
 log "read only, again"
 target/release/examples/bench_read "$CFG"

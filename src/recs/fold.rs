@@ -17,7 +17,8 @@ use std::hash::Hasher;
 use compact_str::CompactString;
 use rustc_hash::{FxHashMap, FxHasher};
 
-use super::{growth, prefetch, rank::Ranker, strongest, top, Candidates};
+use super::rank::{ItemOut, Ranker};
+use super::{growth, prefetch, strongest, top, Candidates};
 use crate::config::RecsConfig;
 use crate::events::{Interaction, InteractionKind};
 
@@ -521,8 +522,13 @@ impl Builder {
         drop(self.user_index);
         let mut users = self.users;
         users.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        let name_hashes = names.iter().map(|n| super::publish::name_hash(n)).collect();
-        let item_json = names
+        let mut by_name: Vec<u32> = (0..names.len() as u32).collect();
+        by_name.sort_unstable_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
+        let mut name_rank = vec![0u32; names.len()];
+        for (place, i) in by_name.into_iter().enumerate() {
+            name_rank[i as usize] = place as u32;
+        }
+        let item_json: Vec<String> = names
             .iter()
             .map(|n| {
                 let mut b = br#"{"item_id":"#.to_vec();
@@ -532,12 +538,29 @@ impl Builder {
                 String::from_utf8_lossy(&b).into_owned()
             })
             .collect();
+        let item_out = names
+            .iter()
+            .zip(&item_json)
+            .map(|(n, json)| ItemOut::new(super::publish::name_hash(n), json))
+            .collect();
+        // Only the entries too long for their ItemOut are kept.
+        let item_json = item_json
+            .into_iter()
+            .map(|j| {
+                if j.len() > ItemOut::INLINE {
+                    j
+                } else {
+                    String::new()
+                }
+            })
+            .collect();
         Ranker {
             weights: self.weights,
             cfg: self.cfg,
             names,
+            item_out,
             item_json,
-            name_hashes,
+            name_rank,
             users,
             nb_start,
             nb,

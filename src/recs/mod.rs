@@ -117,10 +117,15 @@ fn top(it: impl Iterator<Item = (u32, f64)>, names: &[String], k: usize) -> Vec<
 /// Cuts `v` to its `k` best by score (ties by item id), best first, with
 /// scores rounded to 6 decimals.
 fn top_into(v: &mut Vec<(u32, f64)>, names: &[String], k: usize) {
-    let order = |a: &(u32, f64), b: &(u32, f64)| {
-        b.1.total_cmp(&a.1)
-            .then_with(|| names[a.0 as usize].cmp(&names[b.0 as usize]))
-    };
+    top_by(v, k, |a, b| names[a as usize].cmp(&names[b as usize]));
+}
+
+/// [`top_into`] with ties broken by `tie(item, item)`, which must order
+/// items as their ids do (the ranking passes each item's place in id
+/// order: comparing the ids themselves read two strings from memory on
+/// every tie, a fifth of the ranking's time).
+fn top_by(v: &mut Vec<(u32, f64)>, k: usize, tie: impl Fn(u32, u32) -> std::cmp::Ordering) {
+    let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then_with(|| tie(a.0, b.0));
     if k == 0 {
         v.clear();
         return;

@@ -15,11 +15,13 @@ pub struct Ranker {
     pub(super) cfg: RecsConfig,
     pub(super) weights: [f64; 4],
     pub(super) names: Vec<String>,
-    /// Each item's start in a record's items: `{"item_id":<id as a JSON
-    /// string>,"score":`.
+    /// What a record needs of each item, one cache line per item.
+    pub(super) item_out: Vec<ItemOut>,
+    /// Each item's start in a record's items (`{"item_id":<id as a JSON
+    /// string>,"score":`) when it does not fit in its [`ItemOut`].
     pub(super) item_json: Vec<String>,
-    /// Each item's [`super::publish::name_hash`].
-    pub(super) name_hashes: Vec<u64>,
+    /// Each item's place in item id order (ties in ranking compare these).
+    pub(super) name_rank: Vec<u32>,
     /// Sorted by user id.
     pub(super) users: Vec<UserState>,
     /// Item `i`'s neighbours are `nb[nb_start[i]..nb_start[i + 1]]`,
@@ -48,6 +50,41 @@ struct Scratch {
     hist: Vec<(u32, f64)>,
     /// The user's ranked list: (item, score rounded to 6 decimals).
     out: Vec<(u32, f64)>,
+    /// The previous user's list, encoded after the next user is ranked.
+    prev: Vec<(u32, f64)>,
+}
+
+/// What encoding a record reads of an item, in one cache line: its
+/// [`super::publish::name_hash`] and, when short enough (ids of up to 33
+/// bytes), the start of its entry in a record, `{"item_id":"…","score":`.
+/// The 20 items of a user lie anywhere in the item table and were two or
+/// three cache misses each (a `String`'s header, its text, the hash): now
+/// one, prefetched while the next user is ranked.
+#[repr(C, align(64))]
+pub(super) struct ItemOut {
+    hash: u64,
+    /// Bytes of `text` used; [`ItemOut::LONG`]: in `Ranker::item_json`.
+    len: u8,
+    text: [u8; ItemOut::INLINE],
+}
+
+const _: () = assert!(std::mem::size_of::<ItemOut>() == 64);
+
+impl ItemOut {
+    const LONG: u8 = u8::MAX;
+    /// Longest entry kept inline.
+    pub(super) const INLINE: usize = 55;
+
+    pub(super) fn new(hash: u64, json: &str) -> ItemOut {
+        let mut text = [0u8; Self::INLINE];
+        let len = if json.len() <= text.len() {
+            text[..json.len()].copy_from_slice(json.as_bytes());
+            json.len() as u8
+        } else {
+            Self::LONG
+        };
+        ItemOut { hash, len, text }
+    }
 }
 
 const FREE: u8 = 0;
@@ -117,6 +154,7 @@ impl Ranker {
             touched: Vec::new(),
             hist: Vec::new(),
             out: Vec::new(),
+            prev: Vec::new(),
         }
     }
 
@@ -203,25 +241,50 @@ impl Ranker {
             e.ends.clear();
             e.hashes.clear();
             e.buf.reserve(r.len() * 1_300);
+            // Each user is written after the next one is ranked, so the
+            // cache lines of their items, prefetched when they were
+            // ranked, have arrived.
+            let mut prev: Option<(&str, Source)> = None;
             for i in r {
                 let u = &self.users[i];
-                let id = u.name.as_str();
                 self.prefetch_ahead(i);
                 let source = self.rank_user(u, &mut sc);
-                e.hashes.push(user_hash(
-                    id,
-                    source,
-                    sc.out
-                        .iter()
-                        .map(|&(i, s)| (self.name_hashes[i as usize], s)),
-                ));
-                e.buf.extend_from_slice(id.as_bytes());
-                let key_end = e.buf.len();
-                self.write_record(&mut e.buf, id, source, &sc.out, tail);
-                e.ends.push((key_end, e.buf.len()));
+                for &(item, _) in &sc.out {
+                    prefetch(&self.item_out[item as usize]);
+                }
+                if let Some((id, source)) = prev {
+                    self.push_record(&mut e, id, source, &sc.prev, tail);
+                }
+                std::mem::swap(&mut sc.out, &mut sc.prev);
+                prev = Some((u.name.as_str(), source));
+            }
+            if let Some((id, source)) = prev {
+                self.push_record(&mut e, id, source, &sc.prev, tail);
             }
             e
         })
+    }
+
+    /// A user's key, record and hash onto `e`.
+    fn push_record(
+        &self,
+        e: &mut Encoded,
+        id: &str,
+        source: Source,
+        items: &[(u32, f64)],
+        tail: &str,
+    ) {
+        e.hashes.push(user_hash(
+            id,
+            source,
+            items
+                .iter()
+                .map(|&(i, s)| (self.item_out[i as usize].hash, s)),
+        ));
+        e.buf.extend_from_slice(id.as_bytes());
+        let key_end = e.buf.len();
+        self.write_record(&mut e.buf, id, source, items, tail);
+        e.ends.push((key_end, e.buf.len()));
     }
 
     /// One record, the same JSON as serialising
@@ -242,7 +305,12 @@ impl Ranker {
             if n > 0 {
                 buf.push(b',');
             }
-            buf.extend_from_slice(self.item_json[i as usize].as_bytes());
+            let it = &self.item_out[i as usize];
+            if it.len == ItemOut::LONG {
+                buf.extend_from_slice(self.item_json[i as usize].as_bytes());
+            } else {
+                buf.extend_from_slice(&it.text[..usize::from(it.len)]);
+            }
             write_score(buf, score);
             buf.push(b'}');
         }
@@ -321,7 +389,10 @@ impl Ranker {
             );
             Source::Popular
         } else {
-            super::top_into(&mut sc.touched, &self.names, k);
+            let rank = &self.name_rank;
+            super::top_by(&mut sc.touched, k, |a, b| {
+                rank[a as usize].cmp(&rank[b as usize])
+            });
             sc.out.extend_from_slice(&sc.touched);
             Source::Batch
         };
@@ -409,24 +480,21 @@ pub(super) fn write_score(buf: &mut Vec<u8>, score: f64) {
         frac /= 10;
         digits -= 1;
     }
-    let mut tmp = [b'0'; 6];
-    for d in tmp[..digits].iter_mut().rev() {
-        *d = b'0' + (frac % 10) as u8;
-        frac /= 10;
-    }
-    buf.extend_from_slice(&tmp[..digits]);
+    write_digits(buf, frac, digits);
 }
 
-fn write_u64(buf: &mut Vec<u8>, mut v: u64) {
-    let mut tmp = [0u8; 20];
-    let mut at = tmp.len();
-    loop {
-        at -= 1;
-        tmp[at] = b'0' + (v % 10) as u8;
+/// `v` as exactly `n` decimal digits (zero-padded), written straight into
+/// `buf`: digits put in a stack array and copied out were read back
+/// before their stores had landed, a stall that was 5 % of ranking.
+fn write_digits(buf: &mut Vec<u8>, mut v: u64, n: usize) {
+    let start = buf.len();
+    buf.resize(start + n, b'0');
+    for d in buf[start..].iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
         v /= 10;
-        if v == 0 {
-            break;
-        }
     }
-    buf.extend_from_slice(&tmp[at..]);
+}
+
+fn write_u64(buf: &mut Vec<u8>, v: u64) {
+    write_digits(buf, v, v.checked_ilog10().unwrap_or(0) as usize + 1);
 }

@@ -29,7 +29,7 @@ pub async fn rebuild_once(
     let limits = crate::events::Limits::from_config(&cfg.processing);
     let recs_cfg = cfg.recs.clone();
     let started = std::time::Instant::now();
-    let (ranker, stats) = tokio::task::spawn_blocking(move || {
+    let (ranker, stats, fold_finish_secs) = tokio::task::spawn_blocking(move || {
         let (tx, rx) = std::sync::mpsc::sync_channel::<FoldBatch>(64);
         let folder = std::thread::Builder::new()
             .name("rebuild-fold".into())
@@ -68,7 +68,9 @@ pub async fn rebuild_once(
             .join()
             .map_err(|_| anyhow::anyhow!("the rebuild's fold thread panicked"))?;
         let stats = read?;
-        anyhow::Ok((b.into_ranker(), stats))
+        let finishing = std::time::Instant::now();
+        let ranker = b.into_ranker();
+        anyhow::Ok((ranker, stats, finishing.elapsed().as_secs_f64()))
     })
     .await
     .context("rebuild task")??;
@@ -107,6 +109,7 @@ pub async fn rebuild_once(
     }
     let rank_secs = ranking.await.context("ranking task")?;
     let publish_wait = publisher.wait;
+    let finishing = std::time::Instant::now();
     let neighbours = ranker.serve_neighbours();
     let meta = publisher
         .finish(
@@ -118,7 +121,9 @@ pub async fn rebuild_once(
         .await?;
     tracing::info!(
         replay_seconds = replay_secs,
+        fold_finish_seconds = fold_finish_secs,
         rank_seconds = rank_secs,
+        finish_seconds = finishing.elapsed().as_secs_f64(),
         rank_and_publish_seconds = started.elapsed().as_secs_f64(),
         publish_wait_seconds = publish_wait.as_secs_f64(),
         users = meta.users,

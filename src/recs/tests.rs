@@ -211,6 +211,25 @@ fn encoded_records_are_the_serialised_records_and_hash_like_the_digest() {
         InteractionKind::Purchase,
         1_764_000_900_001,
     ));
+    // Two candidates of "tie-user" with equal scores: listed by id, not by
+    // first appearance ("tie-b" is seen first); one id too long to be
+    // kept inline (ItemOut), with characters to escape.
+    let long = "tie-a-an-id-longer-than-33-bytes-with-a-\"quote\"";
+    for (user, second) in [("tie-x1", "tie-b"), ("tie-x2", long)] {
+        events.push(ev(
+            user,
+            "tie-rare",
+            InteractionKind::View,
+            1_764_000_950_000,
+        ));
+        events.push(ev(user, second, InteractionKind::View, 1_764_000_951_000));
+    }
+    events.push(ev(
+        "tie-user",
+        "tie-rare",
+        InteractionKind::View,
+        1_764_000_952_000,
+    ));
     let mut b = Builder::new(&RecsConfig::default());
     for e in &events {
         b.add(e);
@@ -267,6 +286,10 @@ fn encoded_records_are_the_serialised_records_and_hash_like_the_digest() {
     assert_eq!(first, second);
     assert!(users.iter().any(|u| u.user_id.contains('"')));
     assert!(users.iter().any(|u| u.source == Source::Popular));
+    let tie = users.iter().find(|u| u.user_id == "tie-user").unwrap();
+    let ids: Vec<&str> = tie.items.iter().map(|s| s.item_id.as_str()).collect();
+    assert_eq!(ids, [long, "tie-b"], "{tie:?}");
+    assert_eq!(tie.items[0].score, tie.items[1].score);
 }
 
 #[test]
