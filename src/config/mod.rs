@@ -364,6 +364,9 @@ impl Config {
     }
 
     /// Cross-field checks; every problem found, each naming its field.
+    /// librdkafka options are checked by librdkafka itself (name and
+    /// value), so a bad one stops every command at start-up rather than
+    /// when its client is created (for `rebuild`, after the replay).
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut errs = Vec::new();
         self.recs.validate(&mut errs);
@@ -389,7 +392,10 @@ impl Config {
             ("kafka.consumer", &self.kafka.consumer),
             ("kafka.producer", &self.kafka.producer),
         ] {
-            for key in map.keys() {
+            for (key, value) in map {
+                if let Err(why) = librdkafka_accepts(key, value) {
+                    errs.push(format!("{section}.\"{key}\": {why}"));
+                }
                 if matches!(
                     key.as_str(),
                     "bootstrap.servers" | "group.id" | "group.instance.id"
@@ -475,6 +481,20 @@ impl Config {
     }
 }
 
+/// Whether librdkafka takes `key = value` (a known property, a valid
+/// value); its reason when it does not. Only sets the option on a
+/// configuration object: no client is created.
+fn librdkafka_accepts(key: &str, value: &str) -> Result<(), String> {
+    match rdkafka::ClientConfig::new()
+        .set(key, value)
+        .create_native_config()
+    {
+        Ok(_) => Ok(()),
+        Err(rdkafka::error::KafkaError::ClientConfig(_, why, _, _)) => Err(why),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,6 +555,23 @@ mod tests {
         assert!(msg.contains("model.threshold"), "{msg}");
         assert!(msg.contains("windows.hour_bucket"), "{msg}");
         assert!(msg.contains("processing.batch_max_events"), "{msg}");
+    }
+
+    #[test]
+    fn librdkafka_options_are_checked_at_load_naming_section_and_key() {
+        let err = Config::from_toml_str(
+            "[kafka.producer]\n\"compression.type\" = \"zstd\"\n[kafka.consumer]\n\"fetch.wait.max.mz\" = \"10\"\n",
+        )
+        .unwrap_err();
+        let msg = format!("{err}");
+        assert!(msg.contains("kafka.producer.\"compression.type\""), "{msg}");
+        assert!(msg.contains("zstd"), "{msg}");
+        assert!(
+            msg.contains("kafka.consumer.\"fetch.wait.max.mz\""),
+            "{msg}"
+        );
+        Config::from_toml_str("[kafka.producer]\n\"compression.type\" = \"lz4\"\n")
+            .expect("a valid option loads");
     }
 
     #[test]

@@ -28,6 +28,11 @@ pub async fn rebuild_once(
     let topic = cfg.topic(crate::topics::INTERACTIONS);
     let limits = crate::events::Limits::from_config(&cfg.processing);
     let recs_cfg = cfg.recs.clone();
+    // Redis is needed to publish: a rebuild that cannot reach it stops
+    // now, not after the replay.
+    publish::current_meta(cfg)
+        .await
+        .context("reading recs:meta before the replay")?;
     let started = std::time::Instant::now();
     let (ranker, stats, fold_finish_secs) = tokio::task::spawn_blocking(move || {
         let (tx, rx) = std::sync::mpsc::sync_channel::<FoldBatch>(64);

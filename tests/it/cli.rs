@@ -46,6 +46,16 @@ fn bad_configs_stop_start_up_with_exit_2_and_the_field_named() {
         ("[model]\nthreshold = 2.0\n", "model.threshold"),
         ("[windows]\nhour_bucket = \"7m\"\n", "windows.hour_bucket"),
         ("[http]\nbind = \"nowhere\"\n", "bind"),
+        // librdkafka's own options, checked by librdkafka at load.
+        (
+            "[kafka.producer]\n\"compression.type\" = \"zstd\"\n",
+            "kafka.producer.\"compression.type\"",
+        ),
+        (
+            "[kafka.common]\n\"socket.timeout.mss\" = \"100\"\n",
+            "kafka.common.\"socket.timeout.mss\"",
+        ),
+        ("[recs]\ncompression = \"brotli\"\n", "compression"),
     ] {
         let p = dir.path().join("c.toml");
         std::fs::write(&p, text).unwrap();
@@ -124,4 +134,24 @@ fn generate_is_deterministic_with_a_seed() {
     }
     assert_eq!(outs[0], outs[1]);
     assert_eq!(outs[0].iter().filter(|b| **b == b'\n').count(), 2000);
+}
+
+#[test]
+fn a_rebuild_that_cannot_reach_redis_stops_before_the_replay() {
+    let env = TestEnv::new("rebuild-noredis", "");
+    let start = streamscore::now_ms() - 100_000;
+    let events: Vec<_> = streamscore::generate::InteractionGenerator::new(3, 50, 100, start, 100.0)
+        .take(500)
+        .collect();
+    produce_all(&env.topic("interactions"), &interaction_records(&events));
+    let (code, out, err) = output_of(
+        env.command(&["rebuild"])
+            // Nothing listens on port 1.
+            .env("STREAMSCORE__REDIS__URL", "redis://127.0.0.1:1"),
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("before the replay"), "{err}");
+    assert!(err.contains("Redis"), "{err}");
+    // The log was not read: no progress line.
+    assert!(!err.contains("events replayed"), "{err}");
 }
