@@ -543,17 +543,6 @@ impl Builder {
             .zip(&item_json)
             .map(|(n, json)| ItemOut::new(super::publish::name_hash(n), json))
             .collect();
-        // Only the entries too long for their ItemOut are kept.
-        let item_json = item_json
-            .into_iter()
-            .map(|j| {
-                if j.len() > ItemOut::INLINE {
-                    j
-                } else {
-                    String::new()
-                }
-            })
-            .collect();
         Ranker {
             weights: self.weights,
             cfg: self.cfg,

@@ -17,8 +17,8 @@ pub struct Ranker {
     pub(super) names: Vec<String>,
     /// What a record needs of each item, one cache line per item.
     pub(super) item_out: Vec<ItemOut>,
-    /// Each item's start in a record's items (`{"item_id":<id as a JSON
-    /// string>,"score":`) when it does not fit in its [`ItemOut`].
+    /// Each item's start in a record's items: `{"item_id":<id as a JSON
+    /// string>,"score":` (read for those too long for their [`ItemOut`]).
     pub(super) item_json: Vec<String>,
     /// Each item's place in item id order (ties in ranking compare these).
     pub(super) name_rank: Vec<u32>,
@@ -430,7 +430,7 @@ impl Ranker {
     pub fn serve_neighbours(&self) -> Vec<(String, Vec<Scored>)> {
         let serve_n = self.cfg.serve_neighbours;
         let mut item_order: Vec<u32> = (0..self.names.len() as u32).collect();
-        item_order.sort_unstable_by(|a, b| self.names[*a as usize].cmp(&self.names[*b as usize]));
+        item_order.sort_unstable_by_key(|i| self.name_rank[*i as usize]);
         item_order
             .into_iter()
             .filter(|i| !self.neighbours(*i).is_empty())
@@ -484,8 +484,7 @@ pub(super) fn write_score(buf: &mut Vec<u8>, score: f64) {
 }
 
 /// `v` as exactly `n` decimal digits (zero-padded), written straight into
-/// `buf`: digits put in a stack array and copied out were read back
-/// before their stores had landed, a stall that was 5 % of ranking.
+/// `buf`.
 fn write_digits(buf: &mut Vec<u8>, mut v: u64, n: usize) {
     let start = buf.len();
     buf.resize(start + n, b'0');
