@@ -6,6 +6,9 @@
 # instances' rebalance log lines.
 #
 #   scripts/bench_rebalance.sh [RATE=300] [JOIN_AT=20] [LEAVE_AT=45]
+#
+# STREAMSCORE_BIN=<path> runs another build (e.g. an older one, for a
+# before/after in one sitting) instead of building this tree's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -14,14 +17,16 @@ RATE=${1:-300}
 JOIN_AT=${2:-20}
 LEAVE_AT=${3:-45}
 ensure_all
-cargo build --release --quiet --bin streamscore
+if [[ -z "${STREAMSCORE_BIN:-}" ]]; then
+  cargo build --release --quiet --bin streamscore
+fi
 start_local_services bench-rebalance
 CFG=$RUN_DIR/streamscore.toml
 HTTP_PORT=$(free_port) write_local_config "$CFG" "[recs]
 topic_transactions = false
 rebuild_interval = \"0s\""
 SECOND_PORT=$(free_port)
-BIN=$PWD/target/release/streamscore
+BIN=${STREAMSCORE_BIN:-$PWD/target/release/streamscore}
 "$BIN" --config "$CFG" topics apply >/dev/null
 "$BIN" --config "$CFG" run >"$RUN_DIR/a.log" 2>&1 &
 FIRST=$!

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub warmup_duration: Histogram,
     pub resume_gap_events: IntCounter,
     pub redelivered_skipped: IntCounter,
+    pub partitions_settling: IntGauge,
     pub http_requests: IntCounterVec,
     pub http_request_duration: prometheus::HistogramVec,
     pub recs_served: IntCounterVec,
@@ -314,6 +315,11 @@ impl Metrics {
                 &r,
                 "streamscore_redelivered_skipped_total",
                 "Messages delivered again at an offset already taken in this assignment; skipped.",
+            ),
+            partitions_settling: int_gauge(
+                &r,
+                "streamscore_partitions_settling",
+                "Partitions new to this instance, paused after an assignment until their previous owner's last commit is due (heartbeat + commit interval); the others keep flowing.",
             ),
             merchant_features_age: histogram(
                 &r,

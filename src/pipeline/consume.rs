@@ -1,6 +1,8 @@
 //! The consume loop of `run`: micro-batches taken from the consumer (up to
 //! `batch_max_events` or `batch_max_wait`), revocations applied between
-//! messages, each batch emitted and handed to the acker.
+//! messages, each batch emitted and handed to the acker. A partition held
+//! after an assignment (`resume`) starts a batch of its own when its wait
+//! is over.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -22,7 +24,8 @@ pub(super) async fn consume_loop(
     let mut evict_tick = tokio::time::interval(stage.cfg.windows.eviction_interval);
     evict_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        stage.forget_revoked();
+        stage.forget_revoked(consumer);
+        let settle_due = stage.next_settle_due();
         let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
@@ -30,20 +33,31 @@ pub(super) async fn consume_loop(
                 stage.evict();
                 continue;
             }
-            m = consumer.recv() => m,
+            // A partition held for its previous owner's commit is due: its
+            // messages start the next batch.
+            _ = sleep_until(settle_due) => None,
+            m = consumer.recv() => Some(m),
         };
         let taken_at = Instant::now();
         let mut accepted = Vec::with_capacity(max);
         let mut rejected = Vec::new();
         let mut offsets = HashMap::new();
         match first {
-            Ok(m) => {
+            None => {
                 stage
+                    .take_settled(consumer, &mut accepted, &mut rejected, &mut offsets)
+                    .await?
+            }
+            Some(Ok(m)) => {
+                if !stage
                     .before_take(consumer, &m, &mut accepted, &mut rejected, &mut offsets)
-                    .await?;
+                    .await?
+                {
+                    continue; // held: its partition waits, the others flow
+                }
                 stage.take(&m, &mut accepted, &mut rejected, &mut offsets)
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "Kafka consumer error; continuing");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -67,11 +81,13 @@ pub(super) async fn consume_loop(
                     // A revocation inside this recv: what the batch holds
                     // of those partitions goes, before `m` (of the new
                     // assignment) is taken.
-                    drop_revoked(stage, &mut accepted, &mut rejected, &mut offsets);
-                    stage
+                    drop_revoked(stage, consumer, &mut accepted, &mut rejected, &mut offsets);
+                    if stage
                         .before_take(consumer, &m, &mut accepted, &mut rejected, &mut offsets)
-                        .await?;
-                    stage.take(&m, &mut accepted, &mut rejected, &mut offsets)
+                        .await?
+                    {
+                        stage.take(&m, &mut accepted, &mut rejected, &mut offsets)
+                    }
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "Kafka consumer error; continuing");
@@ -85,7 +101,7 @@ pub(super) async fn consume_loop(
         // with those partitions' messages. Their offsets are committed
         // already, so the next owner starts after what was *processed*:
         // scored now, these would be scored twice (seen in CI).
-        drop_revoked(stage, &mut accepted, &mut rejected, &mut offsets);
+        drop_revoked(stage, consumer, &mut accepted, &mut rejected, &mut offsets);
         stage
             .metrics
             .batch_size
@@ -105,6 +121,7 @@ pub(super) async fn consume_loop(
 /// revoked since the last call (revocations happen inside `recv`).
 fn drop_revoked(
     stage: &mut Stage,
+    consumer: &Consumer_,
     accepted: &mut Vec<super::Scored>,
     rejected: &mut Vec<super::Rejected>,
     offsets: &mut HashMap<i32, i64>,
@@ -112,8 +129,16 @@ fn drop_revoked(
     if !stage.revoked.pending() {
         return;
     }
-    let gone = stage.forget_revoked();
+    let gone = stage.forget_revoked(consumer);
     accepted.retain(|s| !gone.contains(&s.source.partition));
     rejected.retain(|r| !gone.contains(&r.source.partition));
     offsets.retain(|p, _| !gone.contains(p));
+}
+
+/// Sleeps until `at`; forever when there is nothing to wait for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
 }

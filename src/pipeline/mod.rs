@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, Producer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -102,12 +102,15 @@ struct Stage {
     health: Arc<Health>,
     /// Partitions whose windows were rebuilt since they were assigned.
     warmed: HashSet<i32>,
-    /// The partitions of the last revocation: this process committed their
-    /// offsets itself, synchronously, so taking one back needs no settle.
+    /// The partitions of the last revocation this process had taken
+    /// (warmed): it committed their offsets itself, synchronously, so
+    /// taking one back needs no settle.
     last_revoked: HashSet<i32>,
     /// How long after an assignment a partition new to this process waits
-    /// before its committed offset is read (see `resume::settled_offset`).
+    /// before its committed offset is read (see `resume::settle_plan`).
     assign_settle: Duration,
+    /// Partitions paused for that wait, with the messages they delivered.
+    settling: std::collections::BTreeMap<i32, resume::Settling>,
     /// The replicated merchant-features table.
     table: Arc<MerchantTable>,
     /// Where accepted events are forwarded, keyed by merchant.
@@ -121,9 +124,9 @@ struct Stage {
 impl Stage {
     /// Validates one message and, if good, computes its features (the batch
     /// collects rejections and accepted events in log order).
-    fn take(
+    fn take<M: Message>(
         &mut self,
-        m: &BorrowedMessage<'_>,
+        m: &M,
         accepted: &mut Vec<Scored>,
         rejected: &mut Vec<Rejected>,
         offsets: &mut HashMap<i32, i64>,
@@ -476,6 +479,7 @@ pub async fn run(
         warmed: HashSet::new(),
         last_revoked: HashSet::new(),
         assign_settle: resume::assign_settle(&cfg),
+        settling: Default::default(),
         table: table.clone(),
         repartition_topic: repartition_topic.into(),
         revoked,

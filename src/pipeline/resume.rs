@@ -9,17 +9,44 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::Consumer;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{warmup, Consumer_, Input, Rejected, Scored, Stage};
 use crate::events;
 use crate::features::Lateness;
 
+/// A partition new to this process, paused until its previous owner's
+/// last commit is due (see [`Stage::settle_plan`]). Only this partition
+/// waits: the others of the assignment keep flowing.
+pub(super) struct Settling {
+    /// When the committed offset is read again and the partition resumed.
+    due: Instant,
+    /// The committed offset when its first message arrived.
+    first: i64,
+    /// The partition's first message of this assignment: its event time and
+    /// offset are what the warm-up needs. On resume the partition is read
+    /// again from this offset (see [`Stage::take_settled`]), so messages
+    /// that arrive during the hold (queued before the pause took effect)
+    /// are dropped.
+    msg: OwnedMessage,
+}
+
+/// What to do with a partition's first message.
+enum Plan {
+    /// Score from this committed offset (None: none committed, score from
+    /// the message).
+    Now(Option<i64>),
+    /// Hold the partition until `due`; `first` is committed now.
+    Hold { due: Instant, first: i64 },
+}
+
 impl Stage {
-    /// Warms up the message's partition first if it was not yet, and takes
-    /// any message the broker skipped between the committed offset and this
-    /// one into the batch (before this one).
+    /// Before `m` is taken: applies revocations, and if `m`'s partition is
+    /// new to this assignment, warms it up and takes into the batch any
+    /// message the broker skipped between the committed offset and `m`
+    /// (before `m`). False when `m` is held instead (its partition waits
+    /// for its previous owner's commit; [`Stage::take_settled`] takes it).
     pub(super) async fn before_take(
         &mut self,
         consumer: &Consumer_,
@@ -27,17 +54,151 @@ impl Stage {
         accepted: &mut Vec<Scored>,
         rejected: &mut Vec<Rejected>,
         offsets: &mut HashMap<i32, i64>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         // Revocations happen inside `recv`: apply them before this message,
         // which already belongs to the new assignment.
-        self.forget_revoked();
-        if self.warmed.contains(&m.partition()) {
-            return Ok(());
+        self.forget_revoked(consumer);
+        let partition = m.partition();
+        if self.settling.contains_key(&partition) {
+            return Ok(false); // read again from the held message on resume
         }
-        let score_from = self
-            .settled_offset(consumer, m.partition())
-            .await
-            .unwrap_or(m.offset());
+        if self.warmed.contains(&partition) {
+            return Ok(true);
+        }
+        let score_from = match self.settle_plan(consumer, partition) {
+            Plan::Now(committed) => committed.unwrap_or(m.offset()),
+            Plan::Hold { due, first } => {
+                self.hold(consumer, partition, due, first, m.detach());
+                return Ok(false);
+            }
+        };
+        self.take_up(m, score_from, accepted, rejected, offsets)
+            .await?;
+        Ok(true)
+    }
+
+    /// When the earliest held partition is due (None: none is held).
+    pub(super) fn next_settle_due(&self) -> Option<Instant> {
+        self.settling.values().map(|s| s.due).min()
+    }
+
+    /// Takes every held partition whose wait is over: reads its committed
+    /// offset again, warms it up (taking into the batch what lies between
+    /// the committed offset and its first message), and resumes it from its
+    /// first message. Not from after it: tansu 0.6 answers a fetch from
+    /// inside a record batch with the *next* batch, and librdkafka resumes
+    /// a paused partition after the last message it handed out, so the rest
+    /// of that message's batch would be skipped (seen: 15 events lost per
+    /// held partition). A first message is always a batch start there, and
+    /// anywhere on Kafka; it is then delivered again and scored.
+    pub(super) async fn take_settled(
+        &mut self,
+        consumer: &Consumer_,
+        accepted: &mut Vec<Scored>,
+        rejected: &mut Vec<Rejected>,
+        offsets: &mut HashMap<i32, i64>,
+    ) -> anyhow::Result<()> {
+        self.forget_revoked(consumer);
+        let now = Instant::now();
+        let due: Vec<i32> = (self.settling.iter())
+            .filter(|(_, s)| s.due <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for partition in due {
+            let Some(s) = self.settling.remove(&partition) else {
+                continue;
+            };
+            self.metrics
+                .partitions_settling
+                .set(self.settling.len() as i64);
+            let settled = self
+                .committed_offset(consumer, partition)
+                .unwrap_or(s.first);
+            if settled != s.first {
+                tracing::info!(
+                    partition,
+                    at_assignment = s.first,
+                    settled,
+                    "the previous owner committed after the assignment"
+                );
+            }
+            self.take_up(&s.msg, settled.max(s.first), accepted, rejected, offsets)
+                .await?;
+            // What lies below the committed offset comes again and is
+            // skipped as a redelivery (`next_offset`).
+            let from = s.msg.offset();
+            if let Err(e) = consumer.seek(
+                &self.in_topic,
+                partition,
+                Offset::Offset(from),
+                Duration::from_secs(10),
+            ) {
+                anyhow::bail!(
+                    "seeking held partition {partition} back to offset {from} failed: {e}; \
+                     resuming after it could skip messages, so the pipeline stops \
+                     (its offsets are committed only up to what was scored)"
+                );
+            }
+            self.pause_or_resume(consumer, partition, false);
+        }
+        Ok(())
+    }
+
+    /// Pauses `partition` and keeps `m` (its first message) until `due`.
+    fn hold(
+        &mut self,
+        consumer: &Consumer_,
+        partition: i32,
+        due: Instant,
+        first: i64,
+        m: OwnedMessage,
+    ) {
+        self.pause_or_resume(consumer, partition, true);
+        tracing::info!(
+            partition,
+            committed = first,
+            delivered = m.offset(),
+            wait_ms = due.saturating_duration_since(Instant::now()).as_millis() as u64,
+            "partition held until its previous owner's last commit is due; the others keep flowing"
+        );
+        self.settling
+            .insert(partition, Settling { due, first, msg: m });
+        self.metrics
+            .partitions_settling
+            .set(self.settling.len() as i64);
+    }
+
+    /// Pauses or resumes fetching `partition`. A failure is logged: a
+    /// partition that could not be paused keeps arriving and its messages
+    /// are dropped until it is read again from its held message; one that
+    /// could not be resumed would stall, so that is an error in the log.
+    fn pause_or_resume(&self, consumer: &Consumer_, partition: i32, pause: bool) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.in_topic, partition);
+        let res = if pause {
+            consumer.pause(&tpl)
+        } else {
+            consumer.resume(&tpl)
+        };
+        if let Err(e) = res {
+            if pause {
+                tracing::warn!(error = %e, partition, "pausing a held partition failed; its messages are dropped until it is read again");
+            } else {
+                tracing::error!(error = %e, partition, "resuming a held partition failed");
+            }
+        }
+    }
+
+    /// Warms up `m`'s partition, scoring from `score_from` (the committed
+    /// offset), and takes what the broker skipped before `m` into the batch.
+    async fn take_up<M: Message>(
+        &mut self,
+        m: &M,
+        score_from: i64,
+        accepted: &mut Vec<Scored>,
+        rejected: &mut Vec<Rejected>,
+        offsets: &mut HashMap<i32, i64>,
+    ) -> anyhow::Result<()> {
         let limits = self.limits.for_replay();
         let event_time =
             match events::parse_transaction(m.payload().unwrap_or_default(), 0, &limits) {
@@ -85,40 +246,35 @@ impl Stage {
         Ok(())
     }
 
-    /// The committed offset to score `partition` from. A partition this
-    /// process did not just hold may still be worked on by its previous
-    /// owner: tansu 0.6 hands partitions to a joining member without
-    /// waiting for their owner to rejoin (Kafka's coordinator waits), and
-    /// the owner only learns of the rebalance at its next heartbeat, then
-    /// revokes and commits. So the offset is read once a heartbeat interval
-    /// and a commit interval have passed since the assignment; what the
-    /// previous owner scored meanwhile is then below it and skipped as a
-    /// redelivery (seen in CI: 30 events of a partition scored by both).
-    /// A partition with no committed offset, or one this process revoked
-    /// itself (its offsets committed synchronously), does not wait.
-    async fn settled_offset(&self, consumer: &Consumer_, partition: i32) -> Option<i64> {
-        let first = self.committed_offset(consumer, partition)?;
+    /// Whether `partition`'s first message can be scored now, and from
+    /// which committed offset. A partition this process did not just hold
+    /// may still be worked on by its previous owner: tansu 0.6 hands
+    /// partitions to a joining member without waiting for their owner to
+    /// rejoin (Kafka's coordinator waits), and the owner only learns of the
+    /// rebalance at its next heartbeat, then revokes and commits. So the
+    /// offset is read again once a heartbeat interval and a commit interval
+    /// have passed since the assignment; what the previous owner scored
+    /// meanwhile is then below it and skipped as a redelivery (seen in CI:
+    /// 30 events of a partition scored by both). Until then the partition
+    /// is paused and its messages held, and the rest of the assignment
+    /// keeps flowing. A partition with no committed offset, or one this
+    /// process revoked itself (its offsets committed synchronously), does
+    /// not wait.
+    fn settle_plan(&self, consumer: &Consumer_, partition: i32) -> Plan {
+        let Some(first) = self.committed_offset(consumer, partition) else {
+            return Plan::Now(None);
+        };
         if self.last_revoked.contains(&partition) {
-            return Some(first);
+            return Plan::Now(Some(first));
         }
         let Some(at) = self.revoked.assigned_at() else {
-            return Some(first);
+            return Plan::Now(Some(first));
         };
-        let wait = (at + self.assign_settle).saturating_duration_since(Instant::now());
-        if wait.is_zero() {
-            return Some(first);
+        let due = at + self.assign_settle;
+        if due <= Instant::now() {
+            return Plan::Now(Some(first));
         }
-        tokio::time::sleep(wait).await;
-        let settled = self.committed_offset(consumer, partition).unwrap_or(first);
-        if settled != first {
-            tracing::info!(
-                partition,
-                at_assignment = first,
-                settled,
-                "the previous owner committed after the assignment"
-            );
-        }
-        Some(settled.max(first))
+        Plan::Hold { due, first }
     }
 
     /// The group's committed offset of `partition`, if there is one.
@@ -136,13 +292,32 @@ impl Stage {
     }
 
     /// Drops the state of partitions revoked since the last call.
-    pub(super) fn forget_revoked(&mut self) -> Vec<i32> {
+    /// A held partition's messages go unscored (their offsets were never
+    /// stored, so its next owner scores them) and its pause is lifted
+    /// (librdkafka keeps an application's pause across assignments).
+    pub(super) fn forget_revoked(&mut self, consumer: &Consumer_) -> Vec<i32> {
         let revoked = self.revoked.take();
         if !revoked.is_empty() {
-            self.last_revoked = revoked.iter().copied().collect();
+            // Only partitions this process took (warmed) had their offsets
+            // committed by it; one still held, or never delivered, may
+            // still be moving under its previous owner.
+            self.last_revoked = (revoked.iter().copied())
+                .filter(|p| self.warmed.contains(p))
+                .collect();
         }
         for &p in &revoked {
             self.next_offset.remove(&p);
+            if let Some(s) = self.settling.remove(&p) {
+                self.metrics
+                    .partitions_settling
+                    .set(self.settling.len() as i64);
+                self.pause_or_resume(consumer, p, false);
+                tracing::info!(
+                    partition = p,
+                    held_offset = s.msg.offset(),
+                    "held partition revoked: its messages are left to its next owner"
+                );
+            }
             if self.warmed.remove(&p) {
                 let dropped = self.engine.drop_partition_users(p);
                 self.lateness.forget(p);
@@ -211,7 +386,7 @@ impl Stage {
     }
 }
 
-/// [`Stage::settled_offset`]'s wait: the previous owner's heartbeat
+/// [`Stage::settle_plan`]'s wait: the previous owner's heartbeat
 /// interval (`heartbeat.interval.ms` of `[kafka.consumer]`, librdkafka's
 /// 3 s when unset) plus its commit interval (the group's instances share
 /// their configuration).

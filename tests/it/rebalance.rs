@@ -90,3 +90,110 @@ fn join_then_leave(name: &str, bursts: bool) {
     let st = b.terminate(Duration::from_secs(30));
     assert!(st.success(), "exit {st:?}; log:\n{}", b.log_text());
 }
+
+/// At a leave, the partitions the remaining instance gains are held
+/// (paused, their first messages kept) until their previous owner's last
+/// commit is due, and the partitions it kept are scored meanwhile. Before,
+/// the wait slept inside the consume loop and stalled every partition of
+/// the instance (docs/BENCHMARKS.md, "Latency through a rebalance"). The
+/// commit interval is made 10 s (wait = 3 s heartbeat + 10 s) so the hold
+/// is unmistakable; nothing may be lost or scored twice through it.
+#[test]
+fn a_partition_held_for_its_previous_owner_does_not_stall_the_others() {
+    const M: usize = 30_000;
+    let _heavy = heavy();
+    let env = TestEnv::dynamic("rebalance-held");
+    let txns = live_txns(34, M, 2_000, 100, 100.0);
+    let vars: &[(&str, &str)] = &[("STREAMSCORE__PROCESSING__COMMIT_INTERVAL", "10s")];
+    // 500 events/s for a minute: through b's join, its hold, b's leave
+    // and a's hold.
+    let feeder = spawn_feeder_every(
+        env.topic("transactions"),
+        keyed_records(&txns),
+        50,
+        Duration::from_millis(100),
+    );
+    let mut a = env.spawn_run_with("a", env.http_port, vars);
+    let a_url = env.metrics_url();
+    wait_scored(&a_url, 1_000.0, "instance a to score");
+    let port_b = free_port();
+    let mut b = env.spawn_run_with("b", port_b, vars);
+    let b_url = format!("http://127.0.0.1:{port_b}/metrics");
+    wait_scored(&b_url, 200.0, "instance b to get partitions and score");
+    let st = b.terminate(Duration::from_secs(30));
+    assert!(st.success(), "exit {st:?}; log:\n{}", b.log_text());
+
+    // a gains b's partitions and holds them: the window in which a was
+    // seen holding (first and last sight, so both ends are inside it).
+    let settling = || metric(&scrape(&a_url)?, "streamscore_partitions_settling");
+    let first_seen = wait_for(
+        Duration::from_secs(30),
+        "instance a to hold the partitions it gained",
+        || (settling()? > 0.0).then(streamscore::now_ms),
+    );
+    let mut last_seen = first_seen;
+    wait_for(Duration::from_secs(60), "instance a to resume them", || {
+        let n = settling()?;
+        if n > 0.0 {
+            last_seen = streamscore::now_ms();
+            return None;
+        }
+        Some(())
+    });
+    feeder.join().expect("feeder");
+    let scores = read_all_scores(&env, M, || {
+        format!("a:\n{}\nb:\n{}", a.log_text(), b.log_text())
+    });
+    let counts = txn_counts(&scores);
+    assert_eq!(counts.len(), M, "txn ids lost across the hold");
+    let dups: usize = counts.values().map(|c| c - 1).sum();
+    if dups > 0 {
+        let report = duplicate_report(&scores, &counts, &[&a, &b], "rebalance-held");
+        panic!("{dups} events scored twice across a held partition\n{report}");
+    }
+
+    let log = a.log_text();
+    let held: std::collections::HashSet<i64> = log
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| l.contains("partition held until"))
+        .filter_map(|l| {
+            let rest = &l[l.find(" partition=")? + " partition=".len()..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(!held.is_empty(), "a never logged a held partition:\n{log}");
+    let mut kept_in_window = 0;
+    let mut held_in_window = Vec::new();
+    for r in &scores {
+        let v = json(r);
+        let at = v["scored_at"].as_i64().expect("scored_at");
+        let p = v["source"]["partition"].as_i64().expect("source partition");
+        if (first_seen..=last_seen).contains(&at) {
+            if held.contains(&p) {
+                held_in_window.push((p, at));
+            } else {
+                kept_in_window += 1;
+            }
+        }
+    }
+    eprintln!(
+        "held {held:?} for at least {} ms; {kept_in_window} events of the kept partitions scored meanwhile",
+        last_seen - first_seen
+    );
+    assert!(
+        held_in_window.is_empty(),
+        "held partitions scored during their hold: {:?}",
+        &held_in_window[..held_in_window.len().min(5)]
+    );
+    assert!(
+        kept_in_window > 0,
+        "nothing was scored while a held the partitions it gained ({} ms): the hold stalled the kept partitions too",
+        last_seen - first_seen
+    );
+    let st = a.terminate(Duration::from_secs(30));
+    assert!(st.success(), "exit {st:?}; log:\n{}", a.log_text());
+}
