@@ -49,5 +49,5 @@ wait "$FIRST" || true
 sed "s/\x1b\[[0-9;]*m//g" "$RUN_DIR/watch.out" | grep "scores/s" | awk '{print "second " NR ": " $0}'
 log "rebalances (first instance, then second)"
 for f in a b; do
-  sed "s/\x1b\[[0-9;]*m//g" "$RUN_DIR/$f.log" | grep -E "rebalance: after|previous owner committed" | cut -c1-160 || true
+  sed "s/\x1b\[[0-9;]*m//g" "$RUN_DIR/$f.log" | grep -E "rebalance: after|previous owner committed|partition held|partition back|kept windows do not match|warm-up: windows rebuilt" | cut -c1-160 || true
 done

@@ -17,6 +17,10 @@ pub(crate) struct Revocations {
     partitions: Mutex<Vec<i32>>,
     /// When the current assignment was received.
     assigned_at: Mutex<Option<Instant>>,
+    /// How many assignments were received.
+    assignments: std::sync::atomic::AtomicU64,
+    /// [`Self::assignments`] at the last revocation.
+    revoked_at: std::sync::atomic::AtomicU64,
 }
 
 impl Revocations {
@@ -24,6 +28,12 @@ impl Revocations {
         if let Ok(mut t) = self.assigned_at.lock() {
             *t = Some(Instant::now());
         }
+        self.assignments.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many assignments were received so far.
+    pub(crate) fn assignments(&self) -> u64 {
+        self.assignments.load(Ordering::Acquire)
     }
 
     /// When the current assignment was received (None before the first).
@@ -31,7 +41,15 @@ impl Revocations {
         self.assigned_at.lock().ok().and_then(|t| *t)
     }
 
+    /// [`Self::assignments`] when the last revocation came: an assignment
+    /// counted after it is the one that followed it.
+    pub(crate) fn revoked_at(&self) -> u64 {
+        self.revoked_at.load(Ordering::Acquire)
+    }
+
     fn push(&self, partitions: Vec<i32>) {
+        self.revoked_at
+            .store(self.assignments.load(Ordering::Acquire), Ordering::Release);
         if let Ok(mut p) = self.partitions.lock() {
             p.extend(partitions);
             self.pending.store(true, Ordering::Release);

@@ -111,6 +111,9 @@ struct Stage {
     assign_settle: Duration,
     /// Partitions paused for that wait, with the messages they delivered.
     settling: std::collections::BTreeMap<i32, resume::Settling>,
+    /// Partitions revoked with their windows kept, in case the next
+    /// assignment gives them back (see `resume::forget_revoked`).
+    parked: HashMap<i32, resume::Parked>,
     /// The replicated merchant-features table.
     table: Arc<MerchantTable>,
     /// Where accepted events are forwarded, keyed by merchant.
@@ -480,6 +483,7 @@ pub async fn run(
         last_revoked: HashSet::new(),
         assign_settle: resume::assign_settle(&cfg),
         settling: Default::default(),
+        parked: HashMap::new(),
         table: table.clone(),
         repartition_topic: repartition_topic.into(),
         revoked,

@@ -3,7 +3,7 @@
 //! log ([`super::warmup`]); messages the broker skipped between the
 //! committed offset and the first delivered one are scored too.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,18 @@ pub(super) struct Settling {
     /// that arrive during the hold (queued before the pause took effect)
     /// are dropped.
     msg: OwnedMessage,
+}
+
+/// A partition revoked from this process whose windows are kept: an eager
+/// rebalance revokes every partition and gives most of them straight back,
+/// and rebuilding those from the log would stall the consume loop for
+/// nothing.
+pub(super) struct Parked {
+    /// The offset after the last message folded into its windows.
+    next: i64,
+    /// [`super::context::Revocations::assignments`] at its revocation: an
+    /// assignment counted after that is the one that followed it.
+    assignments: u64,
 }
 
 /// What to do with a partition's first message.
@@ -66,6 +78,9 @@ impl Stage {
             return Ok(true);
         }
         let score_from = match self.settle_plan(consumer, partition) {
+            Plan::Now(committed) if self.take_back(partition, committed, m.offset()) => {
+                return Ok(true);
+            }
             Plan::Now(committed) => committed.unwrap_or(m.offset()),
             Plan::Hold { due, first } => {
                 self.hold(consumer, partition, due, first, m.detach());
@@ -75,6 +90,84 @@ impl Stage {
         self.take_up(m, score_from, accepted, rejected, offsets)
             .await?;
         Ok(true)
+    }
+
+    /// Takes `partition` back with the windows kept when it was revoked, if
+    /// they are exactly what its committed offset says was processed: the
+    /// group's committed offset equals the offset after the last message
+    /// folded (so nobody processed it since, and nothing folded here was
+    /// left unacknowledged: a batch dropped at the revocation, or outputs
+    /// not acknowledged in time, leave the commit behind), and the first
+    /// message is not past it (a broker that skipped messages needs the
+    /// warm-up's gap read). Otherwise the kept windows are dropped and the
+    /// partition is warmed up from the log as usual.
+    fn take_back(&mut self, partition: i32, committed: Option<i64>, first: i64) -> bool {
+        let Some(parked) = self.parked.get(&partition) else {
+            return false;
+        };
+        let next = parked.next;
+        if committed != Some(next) || first > next {
+            tracing::info!(
+                partition,
+                folded_until = next,
+                ?committed,
+                delivered = first,
+                "partition back, but its kept windows do not match its committed offset: rebuilding"
+            );
+            self.drop_parked(partition);
+            return false;
+        }
+        self.parked.remove(&partition);
+        if first < next {
+            // Delivered again below the commit: skipped as redeliveries.
+            self.next_offset.insert(partition, next);
+        }
+        self.warmed.insert(partition);
+        tracing::info!(
+            partition,
+            from = next,
+            "partition back: its windows kept, no warm-up"
+        );
+        true
+    }
+
+    /// Drops the windows kept for a parked partition.
+    fn drop_parked(&mut self, partition: i32) {
+        if self.parked.remove(&partition).is_some() {
+            let dropped = self.engine.drop_partition_users(partition);
+            self.lateness.forget(partition);
+            tracing::info!(
+                partition,
+                users = dropped,
+                "partition revoked: its users dropped"
+            );
+        }
+    }
+
+    /// Drops the kept windows of parked partitions the assignment received
+    /// since they were parked does not include.
+    fn drop_unassigned_parked(&mut self, consumer: &Consumer_) {
+        let now = self.revoked.assignments();
+        if self.parked.values().all(|p| p.assignments >= now) {
+            return;
+        }
+        let assigned: HashSet<i32> = match consumer.assignment() {
+            Ok(tpl) => crate::kafka::partitions_of(&tpl).into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "assignment unknown; dropping every kept partition");
+                HashSet::new()
+            }
+        };
+        let gone: Vec<i32> = (self.parked.iter())
+            .filter(|(p, k)| k.assignments < now && !assigned.contains(p))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in gone {
+            self.drop_parked(p);
+        }
+        for k in self.parked.values_mut() {
+            k.assignments = now;
+        }
     }
 
     /// When the earliest held partition is due (None: none is held).
@@ -199,6 +292,8 @@ impl Stage {
         rejected: &mut Vec<Rejected>,
         offsets: &mut HashMap<i32, i64>,
     ) -> anyhow::Result<()> {
+        // Kept windows that could not be taken back are rebuilt.
+        self.drop_parked(m.partition());
         let limits = self.limits.for_replay();
         let event_time =
             match events::parse_transaction(m.payload().unwrap_or_default(), 0, &limits) {
@@ -298,15 +393,16 @@ impl Stage {
     pub(super) fn forget_revoked(&mut self, consumer: &Consumer_) -> Vec<i32> {
         let revoked = self.revoked.take();
         if !revoked.is_empty() {
-            // Only partitions this process took (warmed) had their offsets
-            // committed by it; one still held, or never delivered, may
-            // still be moving under its previous owner.
+            // Only partitions this process took (warmed, or parked and
+            // given back untouched) had their offsets committed by it; one
+            // still held, or never delivered, may still be moving under its
+            // previous owner.
             self.last_revoked = (revoked.iter().copied())
-                .filter(|p| self.warmed.contains(p))
+                .filter(|p| self.warmed.contains(p) || self.parked.contains_key(p))
                 .collect();
         }
         for &p in &revoked {
-            self.next_offset.remove(&p);
+            let next = self.next_offset.remove(&p);
             if let Some(s) = self.settling.remove(&p) {
                 self.metrics
                     .partitions_settling
@@ -318,15 +414,34 @@ impl Stage {
                     "held partition revoked: its messages are left to its next owner"
                 );
             }
-            if self.warmed.remove(&p) {
-                let dropped = self.engine.drop_partition_users(p);
-                self.lateness.forget(p);
-                tracing::info!(
-                    partition = p,
-                    users = dropped,
-                    "partition revoked: its users dropped"
-                );
+            let assignments = self.revoked.revoked_at();
+            if let Some(k) = self.parked.get_mut(&p) {
+                k.assignments = assignments; // given back, revoked again untaken
+            } else if self.warmed.remove(&p) {
+                match next {
+                    Some(next) => {
+                        self.parked.insert(p, Parked { next, assignments });
+                        tracing::info!(
+                            partition = p,
+                            folded_until = next,
+                            "partition revoked: its windows kept until the next assignment"
+                        );
+                    }
+                    None => {
+                        self.parked.insert(
+                            p,
+                            Parked {
+                                next: i64::MIN,
+                                assignments,
+                            },
+                        );
+                        self.drop_parked(p);
+                    }
+                }
             }
+        }
+        if !self.parked.is_empty() {
+            self.drop_unassigned_parked(consumer);
         }
         revoked
     }
