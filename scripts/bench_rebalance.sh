@@ -9,6 +9,10 @@
 #
 # STREAMSCORE_BIN=<path> runs another build (e.g. an older one, for a
 # before/after in one sitting) instead of building this tree's.
+# PRELOAD=<n> first produces n transactions (n users, 40 ms apart, event
+# times ending now: all inside the windows' horizon) and waits until the
+# first instance has scored them, so every warm-up at the rebalances
+# replays that much state.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -22,15 +26,26 @@ if [[ -z "${STREAMSCORE_BIN:-}" ]]; then
 fi
 start_local_services bench-rebalance
 CFG=$RUN_DIR/streamscore.toml
-HTTP_PORT=$(free_port) write_local_config "$CFG" "[recs]
+FIRST_PORT=$(free_port)
+HTTP_PORT=$FIRST_PORT write_local_config "$CFG" "[recs]
 topic_transactions = false
 rebuild_interval = \"0s\""
 SECOND_PORT=$(free_port)
 BIN=${STREAMSCORE_BIN:-$PWD/target/release/streamscore}
 "$BIN" --config "$CFG" topics apply >/dev/null
+PRELOAD=${PRELOAD:-0}
+if ((PRELOAD > 0)); then
+  "$BIN" --config "$CFG" generate --count "$PRELOAD" --users "$PRELOAD" --mean-gap-ms 40 --seed 8 2>&1 | tail -1
+fi
 "$BIN" --config "$CFG" run >"$RUN_DIR/a.log" 2>&1 &
 FIRST=$!
 sleep 8
+if ((PRELOAD > 0)); then
+  until [[ "$(curl -s "http://127.0.0.1:$FIRST_PORT/metrics" | awk '/^streamscore_events_scored_total /{print int($2)}')" -ge "$PRELOAD" ]] 2>/dev/null; do
+    sleep 2
+  done
+  log "the first instance has scored the $PRELOAD preloaded transactions"
+fi
 DURATION=$((LEAVE_AT + 20))
 "$BIN" --config "$CFG" generate --rate "$RATE" --duration "${DURATION}s" >/dev/null 2>&1 &
 "$BIN" --config "$CFG" watch --duration "$((DURATION + 5))s" >"$RUN_DIR/watch.out" 2>&1 &
