@@ -134,14 +134,19 @@ impl Stage {
     /// Drops the windows kept for a parked partition.
     fn drop_parked(&mut self, partition: i32) {
         if self.parked.remove(&partition).is_some() {
-            let dropped = self.engine.drop_partition_users(partition);
-            self.lateness.forget(partition);
-            tracing::info!(
-                partition,
-                users = dropped,
-                "partition revoked: its users dropped"
-            );
+            self.drop_users(partition);
         }
+    }
+
+    /// Drops the windows of `partition`'s users and its lateness clock.
+    fn drop_users(&mut self, partition: i32) {
+        let dropped = self.engine.drop_partition_users(partition);
+        self.lateness.forget(partition);
+        tracing::info!(
+            partition,
+            users = dropped,
+            "partition revoked: its users dropped"
+        );
     }
 
     /// Drops the kept windows of parked partitions the assignment received
@@ -427,16 +432,7 @@ impl Stage {
                             "partition revoked: its windows kept until the next assignment"
                         );
                     }
-                    None => {
-                        self.parked.insert(
-                            p,
-                            Parked {
-                                next: i64::MIN,
-                                assignments,
-                            },
-                        );
-                        self.drop_parked(p);
-                    }
+                    None => self.drop_users(p),
                 }
             }
         }
