@@ -50,6 +50,7 @@ pub struct Metrics {
     pub resume_gap_events: IntCounter,
     pub redelivered_skipped: IntCounter,
     pub partitions_settling: IntGauge,
+    pub partitions_warming: IntGauge,
     pub http_requests: IntCounterVec,
     pub http_request_duration: prometheus::HistogramVec,
     pub recs_served: IntCounterVec,
@@ -320,6 +321,11 @@ impl Metrics {
                 &r,
                 "streamscore_partitions_settling",
                 "Partitions new to this instance, paused after an assignment until their previous owner's last commit is due (heartbeat + commit interval); the others keep flowing.",
+            ),
+            partitions_warming: int_gauge(
+                &r,
+                "streamscore_partitions_warming",
+                "Partitions whose windows are being rebuilt from the log, paused meanwhile (the others keep flowing).",
             ),
             merchant_features_age: histogram(
                 &r,

@@ -24,6 +24,16 @@ impl Lateness {
         self.newest.remove(&partition);
     }
 
+    /// `partition`'s clock: the newest event time seen on it.
+    pub fn clock(&self, partition: i32) -> Option<i64> {
+        self.newest.get(&partition).copied()
+    }
+
+    /// Sets `partition`'s clock (taken from a warm-up's own [`Lateness`]).
+    pub fn set_clock(&mut self, partition: i32, newest: i64) {
+        self.newest.insert(partition, newest);
+    }
+
     /// The newest event time seen on each partition (the partition clocks).
     pub fn newest(&self) -> &HashMap<i32, i64> {
         &self.newest

@@ -17,6 +17,7 @@ pub(super) async fn consume_loop(
     stage: &mut Stage,
     consumer: &Consumer_,
     tx: &mpsc::Sender<PendingBatch>,
+    mut warmed: mpsc::UnboundedReceiver<super::resume::WarmDone>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let max = stage.cfg.processing.batch_max_events;
@@ -33,31 +34,33 @@ pub(super) async fn consume_loop(
                 stage.evict();
                 continue;
             }
+            // A partition's warm-up is done: what the broker skipped
+            // before its first message starts the next batch, and it is
+            // read again from that message.
+            Some(done) = warmed.recv() => Next::Warmed(done),
             // A partition held for its previous owner's commit is due: its
-            // messages start the next batch.
-            _ = sleep_until(settle_due) => None,
-            m = consumer.recv() => Some(m),
+            // warm-up starts.
+            _ = sleep_until(settle_due) => {
+                stage.take_settled(consumer);
+                continue;
+            }
+            m = consumer.recv() => Next::Message(m),
         };
         let taken_at = Instant::now();
         let mut accepted = Vec::with_capacity(max);
         let mut rejected = Vec::new();
         let mut offsets = HashMap::new();
         match first {
-            None => {
-                stage
-                    .take_settled(consumer, &mut accepted, &mut rejected, &mut offsets)
-                    .await?
+            Next::Warmed(done) => {
+                stage.take_warmed(consumer, done, &mut accepted, &mut rejected, &mut offsets)?
             }
-            Some(Ok(m)) => {
-                if !stage
-                    .before_take(consumer, &m, &mut accepted, &mut rejected, &mut offsets)
-                    .await?
-                {
+            Next::Message(Ok(m)) => {
+                if !stage.before_take(consumer, &m) {
                     continue; // held: its partition waits, the others flow
                 }
                 stage.take(&m, &mut accepted, &mut rejected, &mut offsets)
             }
-            Some(Err(e)) => {
+            Next::Message(Err(e)) => {
                 tracing::warn!(error = %e, "Kafka consumer error; continuing");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -82,10 +85,7 @@ pub(super) async fn consume_loop(
                     // of those partitions goes, before `m` (of the new
                     // assignment) is taken.
                     drop_revoked(stage, consumer, &mut accepted, &mut rejected, &mut offsets);
-                    if stage
-                        .before_take(consumer, &m, &mut accepted, &mut rejected, &mut offsets)
-                        .await?
-                    {
+                    if stage.before_take(consumer, &m) {
                         stage.take(&m, &mut accepted, &mut rejected, &mut offsets)
                     }
                 }
@@ -115,6 +115,12 @@ pub(super) async fn consume_loop(
             anyhow::bail!("the acker stopped; see the error above");
         }
     }
+}
+
+/// What starts a batch.
+enum Next<M> {
+    Message(M),
+    Warmed(super::resume::WarmDone),
 }
 
 /// Removes from the batch being collected every message of a partition

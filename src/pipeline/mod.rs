@@ -114,6 +114,14 @@ struct Stage {
     /// Partitions revoked with their windows kept, in case the next
     /// assignment gives them back (see `resume::forget_revoked`).
     parked: HashMap<i32, resume::Parked>,
+    /// Partitions whose windows are rebuilt off the loop (paused).
+    warming: HashMap<i32, resume::Warming>,
+    /// Warm-ups cancelled by a revocation whose task has not ended.
+    cancelled: HashMap<i32, resume::CancelledWarmUp>,
+    /// Where warm-up tasks report (the consume loop holds the receiver).
+    warm_tx: tokio::sync::mpsc::UnboundedSender<resume::WarmDone>,
+    /// The last warm-up's id.
+    warm_ids: u64,
     /// The replicated merchant-features table.
     table: Arc<MerchantTable>,
     /// Where accepted events are forwarded, keyed by merchant.
@@ -465,6 +473,7 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     ));
+    let (warm_tx, warm_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut stage = Stage {
         limits: Limits::from_config(&cfg.processing),
         lateness: Lateness::new(cfg.windows.grace.as_millis() as i64),
@@ -484,6 +493,10 @@ pub async fn run(
         assign_settle: resume::assign_settle(&cfg),
         settling: Default::default(),
         parked: HashMap::new(),
+        warming: HashMap::new(),
+        cancelled: HashMap::new(),
+        warm_tx,
+        warm_ids: 0,
         table: table.clone(),
         repartition_topic: repartition_topic.into(),
         revoked,
@@ -498,7 +511,8 @@ pub async fn run(
         _ = table.wait_loaded() => {}
     }
     health.running.store(true, Ordering::Relaxed);
-    let result = consume::consume_loop(&mut stage, &consumer, &tx, &shutdown).await;
+    let result = consume::consume_loop(&mut stage, &consumer, &tx, warm_rx, &shutdown).await;
+    stage.cancel_warm_ups();
     health.running.store(false, Ordering::Relaxed);
     drop(tx);
 

@@ -1,10 +1,13 @@
 //! Taking partitions: before the first message of a partition is scored,
 //! revocations are applied and the partition's windows are rebuilt from the
-//! log ([`super::warmup`]); messages the broker skipped between the
-//! committed offset and the first delivered one are scored too.
+//! log ([`super::warmup`]) on a blocking thread while the partition is
+//! paused, so the instance's other partitions keep flowing; messages the
+//! broker skipped between the committed offset and the first delivered one
+//! are scored too, and the partition is read again from its first message.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -44,6 +47,47 @@ pub(super) struct Parked {
     assignments: u64,
 }
 
+/// A partition whose windows are rebuilt from the log off the consume
+/// loop: paused, its first message kept, while the instance's other
+/// partitions keep flowing. [`Stage::take_warmed`] takes it when its
+/// warm-up task reports.
+pub(super) struct Warming {
+    /// Tells this warm-up's report from a cancelled one's.
+    id: u64,
+    /// The partition's first message of this assignment; read again from
+    /// it once warm.
+    msg: OwnedMessage,
+    /// The first offset to score (the committed offset).
+    score_from: i64,
+    /// Set when the entry goes (revocation, shutdown): the task stops.
+    cancel: Arc<AtomicBool>,
+    started: Instant,
+}
+
+impl Drop for Warming {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A warm-up cancelled by a revocation whose task has not ended yet: it
+/// may still be folding events into its partition's users, so their
+/// windows are dropped when it ends, and a warm-up of the same partition
+/// (`deferred`: its first message and committed offset) starts only then.
+pub(super) struct CancelledWarmUp {
+    id: u64,
+    deferred: Option<(OwnedMessage, i64)>,
+}
+
+/// What a warm-up task reports to the consume loop.
+pub(super) struct WarmDone {
+    partition: i32,
+    id: u64,
+    /// The partition's lateness clock after the replay.
+    clock: Option<i64>,
+    result: anyhow::Result<warmup::WarmupStats>,
+}
+
 /// What to do with a partition's first message.
 enum Plan {
     /// Score from this committed offset (None: none committed, score from
@@ -59,37 +103,39 @@ impl Stage {
     /// message the broker skipped between the committed offset and `m`
     /// (before `m`). False when `m` is held instead (its partition waits
     /// for its previous owner's commit; [`Stage::take_settled`] takes it).
-    pub(super) async fn before_take(
-        &mut self,
-        consumer: &Consumer_,
-        m: &BorrowedMessage<'_>,
-        accepted: &mut Vec<Scored>,
-        rejected: &mut Vec<Rejected>,
-        offsets: &mut HashMap<i32, i64>,
-    ) -> anyhow::Result<bool> {
+    pub(super) fn before_take(&mut self, consumer: &Consumer_, m: &BorrowedMessage<'_>) -> bool {
         // Revocations happen inside `recv`: apply them before this message,
         // which already belongs to the new assignment.
         self.forget_revoked(consumer);
         let partition = m.partition();
-        if self.settling.contains_key(&partition) {
-            return Ok(false); // read again from the held message on resume
-        }
         if self.warmed.contains(&partition) {
-            return Ok(true);
+            return true;
+        }
+        if self.is_paused_here(partition) {
+            return false; // read again from the held message on resume
         }
         let score_from = match self.settle_plan(consumer, partition) {
             Plan::Now(committed) if self.take_back(partition, committed, m.offset()) => {
-                return Ok(true);
+                return true;
             }
             Plan::Now(committed) => committed.unwrap_or(m.offset()),
             Plan::Hold { due, first } => {
                 self.hold(consumer, partition, due, first, m.detach());
-                return Ok(false);
+                return false;
             }
         };
-        self.take_up(m, score_from, accepted, rejected, offsets)
-            .await?;
-        Ok(true)
+        self.start_warm_up(consumer, m.detach(), score_from);
+        false
+    }
+
+    /// Whether `partition` is paused by this stage (held for its previous
+    /// owner's commit, warming up, or waiting for a cancelled warm-up):
+    /// its messages already queued are dropped, and it is read again from
+    /// its first message when resumed.
+    fn is_paused_here(&self, partition: i32) -> bool {
+        self.settling.contains_key(&partition)
+            || self.warming.contains_key(&partition)
+            || (self.cancelled.get(&partition)).is_some_and(|c| c.deferred.is_some())
     }
 
     /// Takes `partition` back with the windows kept when it was revoked, if
@@ -180,22 +226,10 @@ impl Stage {
         self.settling.values().map(|s| s.due).min()
     }
 
-    /// Takes every held partition whose wait is over: reads its committed
-    /// offset again, warms it up (taking into the batch what lies between
-    /// the committed offset and its first message), and resumes it from its
-    /// first message. Not from after it: tansu 0.6 answers a fetch from
-    /// inside a record batch with the *next* batch, and librdkafka resumes
-    /// a paused partition after the last message it handed out, so the rest
-    /// of that message's batch would be skipped (seen: 15 events lost per
-    /// held partition). A first message is always a batch start there, and
-    /// anywhere on Kafka; it is then delivered again and scored.
-    pub(super) async fn take_settled(
-        &mut self,
-        consumer: &Consumer_,
-        accepted: &mut Vec<Scored>,
-        rejected: &mut Vec<Rejected>,
-        offsets: &mut HashMap<i32, i64>,
-    ) -> anyhow::Result<()> {
+    /// Starts the warm-up of every held partition whose wait is over, from
+    /// its committed offset read again (the partition stays paused until
+    /// the warm-up reports, [`Stage::take_warmed`]).
+    pub(super) fn take_settled(&mut self, consumer: &Consumer_) {
         self.forget_revoked(consumer);
         let now = Instant::now();
         let due: Vec<i32> = (self.settling.iter())
@@ -220,26 +254,8 @@ impl Stage {
                     "the previous owner committed after the assignment"
                 );
             }
-            self.take_up(&s.msg, settled.max(s.first), accepted, rejected, offsets)
-                .await?;
-            // What lies below the committed offset comes again and is
-            // skipped as a redelivery (`next_offset`).
-            let from = s.msg.offset();
-            if let Err(e) = consumer.seek(
-                &self.in_topic,
-                partition,
-                Offset::Offset(from),
-                Duration::from_secs(10),
-            ) {
-                anyhow::bail!(
-                    "seeking held partition {partition} back to offset {from} failed: {e}; \
-                     resuming after it could skip messages, so the pipeline stops \
-                     (its offsets are committed only up to what was scored)"
-                );
-            }
-            self.pause_or_resume(consumer, partition, false);
+            self.start_warm_up(consumer, s.msg, settled.max(s.first));
         }
-        Ok(())
     }
 
     /// Pauses `partition` and keeps `m` (its first message) until `due`.
@@ -287,18 +303,26 @@ impl Stage {
         }
     }
 
-    /// Warms up `m`'s partition, scoring from `score_from` (the committed
-    /// offset), and takes what the broker skipped before `m` into the batch.
-    async fn take_up<M: Message>(
-        &mut self,
-        m: &M,
-        score_from: i64,
-        accepted: &mut Vec<Scored>,
-        rejected: &mut Vec<Rejected>,
-        offsets: &mut HashMap<i32, i64>,
-    ) -> anyhow::Result<()> {
+    /// Starts rebuilding the windows of `m`'s partition from the log on a
+    /// blocking thread ([`warmup::replay`]), scoring to start from
+    /// `score_from` (the committed offset). The partition is paused with
+    /// `m` (its first message) kept; the other partitions keep flowing.
+    /// If a cancelled warm-up of the partition is still running, this one
+    /// starts when that one ends.
+    fn start_warm_up(&mut self, consumer: &Consumer_, m: OwnedMessage, score_from: i64) {
+        let partition = m.partition();
         // Kept windows that could not be taken back are rebuilt.
-        self.drop_parked(m.partition());
+        self.drop_parked(partition);
+        self.pause_or_resume(consumer, partition, true);
+        if let Some(c) = self.cancelled.get_mut(&partition) {
+            tracing::info!(
+                partition,
+                "a cancelled warm-up of this partition is still running; this one starts when it ends"
+            );
+            c.deferred = Some((m, score_from));
+            self.warming_changed();
+            return;
+        }
         let limits = self.limits.for_replay();
         let event_time =
             match events::parse_transaction(m.payload().unwrap_or_default(), 0, &limits) {
@@ -312,22 +336,133 @@ impl Stage {
         // its messages are skipped as redeliveries, never scored again.
         let until = if score_from > m.offset() {
             tracing::warn!(
-                partition = m.partition(),
+                partition,
                 committed = score_from,
                 delivered = m.offset(),
                 "the broker resumed before the committed offset; skipping what was already scored"
             );
-            self.next_offset.insert(m.partition(), score_from);
             score_from
         } else {
             m.offset()
         };
-        let gap = self
-            .warm_up(m.partition(), until, score_from.min(until), event_time)
-            .await?;
+        self.warm_ids += 1;
+        let id = self.warm_ids;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let kafka = self.cfg.kafka.clone();
+        let topic = self.in_topic.clone();
+        let engine = self.engine.clone();
+        let grace_ms = self.cfg.windows.grace.as_millis() as i64;
+        let retention_ms = self.engine.spec().retention_ms();
+        let tx = self.warm_tx.clone();
+        let task_cancel = cancel.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = warmup::Replay {
+                kafka: &kafka,
+                topic: &topic,
+                partition,
+                at_event_time: event_time,
+                until_offset: until,
+                score_from: score_from.min(until),
+                retention_ms,
+                limits,
+                deadline: Duration::from_secs(600),
+                cancel: &task_cancel,
+            };
+            // The partition's clock starts empty (it is new here, or was
+            // forgotten at its revocation) and is handed over when done.
+            let mut lateness = Lateness::new(grace_ms);
+            let result = warmup::replay(&r, &engine, &mut lateness);
+            // The loop may have stopped; then nothing waits for this.
+            let _ = tx.send(WarmDone {
+                partition,
+                id,
+                clock: lateness.clock(partition),
+                result,
+            });
+        });
+        tracing::info!(
+            partition,
+            until,
+            score_from,
+            "warm-up started: the partition is paused, the others keep flowing"
+        );
+        self.warming.insert(
+            partition,
+            Warming {
+                id,
+                msg: m,
+                score_from,
+                cancel,
+                started: Instant::now(),
+            },
+        );
+        self.warming_changed();
+    }
+
+    /// Takes a warm-up's report: the partition's windows are complete, so
+    /// what the broker skipped between the committed offset and its first
+    /// message goes into the batch, and the partition is read again from
+    /// that first message. Not from after it: tansu 0.6 answers a fetch
+    /// from inside a record batch with the *next* batch, and librdkafka
+    /// resumes a paused partition after the last message it handed out, so
+    /// the rest of that message's batch would be skipped (seen: 15 events
+    /// lost per held partition). A first message is always a batch start
+    /// there, and anywhere on Kafka; it is then delivered again and scored.
+    /// The report of a cancelled warm-up drops what it folded and starts
+    /// the warm-up that waited for it.
+    pub(super) fn take_warmed(
+        &mut self,
+        consumer: &Consumer_,
+        done: WarmDone,
+        accepted: &mut Vec<Scored>,
+        rejected: &mut Vec<Rejected>,
+        offsets: &mut HashMap<i32, i64>,
+    ) -> anyhow::Result<()> {
+        self.forget_revoked(consumer);
+        let partition = done.partition;
+        if (self.cancelled.get(&partition)).is_some_and(|c| c.id == done.id) {
+            let deferred = self.cancelled.remove(&partition).and_then(|c| c.deferred);
+            self.drop_users(partition);
+            if let Some((m, score_from)) = deferred {
+                self.start_warm_up(consumer, m, score_from);
+            }
+            self.warming_changed();
+            return Ok(());
+        }
+        let Some(w) = (self.warming.get(&partition)).filter(|w| w.id == done.id) else {
+            tracing::warn!(partition, "report of an unknown warm-up ignored");
+            return Ok(());
+        };
+        let secs = w.started.elapsed().as_secs_f64();
+        let Some(w) = self.warming.remove(&partition) else {
+            return Ok(());
+        };
+        self.warming_changed();
+        let stats = done
+            .result
+            .with_context(|| format!("warm-up of partition {partition}"))?;
+        if let Some(clock) = done.clock {
+            self.lateness.set_clock(partition, clock);
+        }
+        self.metrics.warmup_events.inc_by(stats.events);
+        self.metrics.warmup_duration.observe(secs);
+        tracing::info!(
+            partition,
+            from = stats.from_offset,
+            until = w.msg.offset().max(w.score_from),
+            events = stats.events,
+            fell_back = stats.fell_back_to_beginning,
+            seconds = secs,
+            "warm-up: windows rebuilt from the log"
+        );
+        self.warmed.insert(partition);
+        if w.score_from > w.msg.offset() {
+            self.next_offset.insert(partition, w.score_from);
+        }
+        let gap = stats.gap;
         if !gap.is_empty() {
             tracing::warn!(
-                partition = m.partition(), committed = score_from, delivered = m.offset(),
+                partition, committed = w.score_from, delivered = w.msg.offset(),
                 recovered = gap.len(),
                 "the broker resumed past the committed offset; scoring the skipped messages from the log"
             );
@@ -335,15 +470,47 @@ impl Stage {
         }
         for g in &gap {
             let input = Input {
-                topic: m.topic(),
-                partition: m.partition(),
+                topic: w.msg.topic(),
+                partition,
                 offset: g.offset,
                 key: g.key.as_deref(),
                 payload: &g.payload,
             };
             self.take_input(&input, accepted, rejected, offsets);
         }
+        // What lies below the committed offset comes again and is skipped
+        // as a redelivery (`next_offset`).
+        let from = w.msg.offset();
+        if let Err(e) = consumer.seek(
+            &self.in_topic,
+            partition,
+            Offset::Offset(from),
+            Duration::from_secs(10),
+        ) {
+            anyhow::bail!(
+                "seeking partition {partition} back to offset {from} after its warm-up failed: {e}; \
+                 resuming after it could skip messages, so the pipeline stops \
+                 (its offsets are committed only up to what was scored)"
+            );
+        }
+        self.pause_or_resume(consumer, partition, false);
         Ok(())
+    }
+
+    /// Cancels every running warm-up (the pipeline stops).
+    pub(super) fn cancel_warm_ups(&mut self) {
+        self.warming.clear();
+        self.warming_changed();
+    }
+
+    /// Publishes how many partitions warm up (gauge, readiness).
+    fn warming_changed(&self) {
+        let n = self.warming.len()
+            + (self.cancelled.values())
+                .filter(|c| c.deferred.is_some())
+                .count();
+        self.metrics.partitions_warming.set(n as i64);
+        self.health.warming.store(n > 0, Ordering::Relaxed);
     }
 
     /// Whether `partition`'s first message can be scored now, and from
@@ -408,6 +575,32 @@ impl Stage {
         }
         for &p in &revoked {
             let next = self.next_offset.remove(&p);
+            if let Some(w) = self.warming.remove(&p) {
+                // Dropping the entry cancels the task; its users are
+                // dropped when it reports (it may still be folding).
+                self.cancelled.insert(
+                    p,
+                    CancelledWarmUp {
+                        id: w.id,
+                        deferred: None,
+                    },
+                );
+                self.pause_or_resume(consumer, p, false);
+                self.warming_changed();
+                tracing::info!(
+                    partition = p,
+                    "partition revoked while warming up: warm-up cancelled, its messages left to its next owner"
+                );
+            }
+            if let Some((m, _)) = (self.cancelled.get_mut(&p)).and_then(|c| c.deferred.take()) {
+                self.pause_or_resume(consumer, p, false);
+                self.warming_changed();
+                tracing::info!(
+                    partition = p,
+                    held_offset = m.offset(),
+                    "waiting partition revoked: its messages are left to its next owner"
+                );
+            }
             if let Some(s) = self.settling.remove(&p) {
                 self.metrics
                     .partitions_settling
@@ -440,60 +633,6 @@ impl Stage {
             self.drop_unassigned_parked(consumer);
         }
         revoked
-    }
-
-    /// Rebuilds the windows of `partition` from the log before the message
-    /// at `offset` (event time `event_time`) is scored.
-    async fn warm_up(
-        &mut self,
-        partition: i32,
-        offset: i64,
-        score_from: i64,
-        event_time: i64,
-    ) -> anyhow::Result<Vec<warmup::GapMessage>> {
-        let kafka = self.cfg.kafka.clone();
-        let topic = self.in_topic.clone();
-        let engine = self.engine.clone();
-        let grace_ms = self.cfg.windows.grace.as_millis() as i64;
-        let retention_ms = self.engine.spec().retention_ms();
-        let limits = self.limits;
-        let mut lateness = std::mem::replace(&mut self.lateness, Lateness::new(grace_ms));
-        self.health.warming.store(true, Ordering::Relaxed);
-        let started = Instant::now();
-        let (lateness, result) = tokio::task::spawn_blocking(move || {
-            let r = warmup::Replay {
-                kafka: &kafka,
-                topic: &topic,
-                partition,
-                at_event_time: event_time,
-                until_offset: offset,
-                score_from,
-                retention_ms,
-                limits,
-                deadline: Duration::from_secs(600),
-            };
-            let res = warmup::replay(&r, &engine, &mut lateness);
-            (lateness, res)
-        })
-        .await
-        .context("warm-up task")?;
-        self.lateness = lateness;
-        self.health.warming.store(false, Ordering::Relaxed);
-        let stats = result?;
-        let secs = started.elapsed().as_secs_f64();
-        self.metrics.warmup_events.inc_by(stats.events);
-        self.metrics.warmup_duration.observe(secs);
-        tracing::info!(
-            partition,
-            from = stats.from_offset,
-            until = offset,
-            events = stats.events,
-            fell_back = stats.fell_back_to_beginning,
-            seconds = secs,
-            "warm-up: windows rebuilt from the log"
-        );
-        self.warmed.insert(partition);
-        Ok(stats.gap)
     }
 }
 

@@ -16,6 +16,7 @@
 //! beginning (safe, only slower). Events before the horizon are read but not
 //! folded in, so both paths build the same state.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -69,7 +70,15 @@ pub struct Replay<'a> {
     pub limits: Limits,
     /// Give up (error) after this long.
     pub deadline: Duration,
+    /// Set when the partition was revoked (or the pipeline stops) while
+    /// it warms up: the replay ends with [`Cancelled`].
+    pub cancel: &'a AtomicBool,
 }
+
+/// The error of a replay whose [`Replay::cancel`] was set.
+#[derive(Debug, thiserror::Error)]
+#[error("warm-up cancelled")]
+pub struct Cancelled;
 
 fn replay_consumer(kafka: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
     let group = format!("streamscore-warmup-{}", std::process::id());
@@ -134,6 +143,9 @@ pub fn replay(
     };
     assign(probe_from)?;
     while offset < r.until_offset {
+        if r.cancel.load(Ordering::Relaxed) {
+            return Err(Cancelled.into());
+        }
         if started.elapsed() > r.deadline {
             anyhow::bail!(
                 "warm-up of {}/{} did not reach offset {} within {:?} (at {offset})",

@@ -211,3 +211,115 @@ fn a_partition_held_for_its_previous_owner_does_not_stall_the_others() {
     let st = a.terminate(Duration::from_secs(30));
     assert!(st.success(), "exit {st:?}; log:\n{}", a.log_text());
 }
+
+/// A revocation while a partition warms up: the first instance is
+/// rebuilding partition 0's windows (a long history, off the consume loop)
+/// when a second instance joins. The warm-up is cancelled; what it had
+/// folded is dropped once its task has ended, before any new warm-up of
+/// the partition (here or on the other instance) starts, so nothing is
+/// folded twice: every later event of the history's users gets exactly
+/// the user features of one uninterrupted run over history and events.
+#[test]
+fn a_revocation_during_a_warm_up_cancels_it_and_folds_nothing_twice() {
+    const HISTORY: usize = 400_000;
+    const PROBES: usize = 2_000;
+    const FIRST: usize = 100;
+    let _heavy = heavy();
+    let env = TestEnv::dynamic("warmup-cancel");
+    let topic = env.topic("transactions");
+    use streamscore::generate::{GenOptions, TxnGenerator};
+    let gen = |seed, n: usize, start_ms| {
+        TxnGenerator::new(GenOptions {
+            seed,
+            users: 20_000,
+            merchants: 500,
+            fraud_rate: 0.01,
+            mean_gap_ms: 1.0,
+            start_ms,
+        })
+        .take(n)
+        .map(|mut t| {
+            t.user_id = format!("hist-{}", t.user_id);
+            t
+        })
+        .collect::<Vec<_>>()
+    };
+    // Partition 0's history (already processed: offsets committed at its
+    // end), ending 100 s ago; then later events of the same users, all on
+    // partition 0 (as their keys would put them with one partition).
+    let now = streamscore::now_ms();
+    let history = gen(51, HISTORY, now - 100_000 - HISTORY as i64);
+    produce_to_partition(&topic, 0, &keyed_records(&history));
+    commit_offset(&env, &topic, 0, HISTORY as i64);
+    let probes = gen(52, PROBES, now - 50_000);
+    produce_to_partition(&topic, 0, &keyed_records(&probes[..FIRST]));
+
+    let mut a = env.spawn_run("a");
+    let logged = |p: &RunningProcess, what: &str| {
+        p.log_text()
+            .lines()
+            .map(strip_ansi)
+            .any(|l| l.contains(what) && l.contains(" partition=0"))
+    };
+    wait_for(
+        Duration::from_secs(60),
+        "a to start warming partition 0 up",
+        || logged(&a, "warm-up started").then_some(()),
+    );
+    let port_b = free_port();
+    let mut b = env.spawn_run_with("b", port_b, &[]);
+    wait_for(
+        Duration::from_secs(60),
+        "a's warm-up of partition 0 to be cancelled by the rebalance",
+        || {
+            if logged(&a, "warm-up: windows rebuilt") && !logged(&a, "revoked while warming up") {
+                panic!(
+                    "a finished warming partition 0 up before the rebalance: the test did not exercise a cancel\n{}",
+                    a.log_text()
+                );
+            }
+            logged(&a, "revoked while warming up").then_some(())
+        },
+    );
+    wait_for(
+        Duration::from_secs(120),
+        "partition 0 warmed up by its new owner",
+        || {
+            (logged(&a, "warm-up: windows rebuilt") || logged(&b, "warm-up: windows rebuilt"))
+                .then_some(())
+        },
+    );
+    for c in probes[FIRST..].chunks(100) {
+        produce_to_partition(&topic, 0, &keyed_records(c));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let scores = read_all_scores(&env, PROBES, || {
+        format!("a:\n{}\nb:\n{}", a.log_text(), b.log_text())
+    });
+    for (name, p) in [("a", &a), ("b", &b)] {
+        for l in p.log_text().lines().map(strip_ansi) {
+            if l.contains(" partition=0") || l.contains("rebalance:") {
+                eprintln!("{name}: {l}");
+            }
+        }
+    }
+    let counts = txn_counts(&scores);
+    assert_eq!(counts.len(), PROBES, "events lost or history scored");
+    let dups: usize = counts.values().map(|c| c - 1).sum();
+    assert_eq!(dups, 0, "events scored twice");
+    let all: Vec<_> = history.iter().chain(&probes).cloned().collect();
+    let want = reference_features(&all);
+    let bad = user_feature_mismatches(&scores, &want);
+    assert!(
+        bad.is_empty(),
+        "{} user features differ from one uninterrupted run (first: {:?})\na:\n{}\nb:\n{}",
+        bad.len(),
+        &bad[..bad.len().min(5)],
+        a.log_text(),
+        b.log_text()
+    );
+    for (name, p) in [("a", &mut a), ("b", &mut b)] {
+        let st = p.terminate(Duration::from_secs(30));
+        assert!(st.success(), "{name} exit {st:?}; log:\n{}", p.log_text());
+    }
+}

@@ -849,17 +849,23 @@ pub fn wait_scored(metrics_url: &str, at_least: f64, what: &str) {
     });
 }
 
+/// A client of the env's consumer group that never joins it: for offset
+/// fetches and commits only.
+fn group_client(env: &TestEnv) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", &env.group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer")
+}
+
 /// Waits until the env's consumer group has committed every partition of
 /// its `logical` topic up to the high watermark (an offset fetch by a
 /// client outside the group: it does not join or disturb it).
 pub fn wait_committed(env: &TestEnv, logical: &str) {
     let topic = env.topic(logical);
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", &env.group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+    let c = group_client(env);
     let md = c
         .fetch_metadata(Some(&topic), Duration::from_secs(10))
         .expect("metadata");
@@ -1105,4 +1111,61 @@ pub fn duplicate_report(
         }
     }
     out
+}
+
+/// Produces `records` (key, payload) to one partition of `topic` and waits
+/// for every ack.
+pub fn produce_to_partition(topic: &str, partition: i32, records: &[(String, Vec<u8>)]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .create()
+        .expect("producer");
+    for (k, v) in records {
+        let mut rec = BaseRecord::to(topic).partition(partition).key(k).payload(v);
+        loop {
+            match p.send(rec) {
+                Ok(()) => break,
+                Err((e, r)) => {
+                    assert!(
+                        matches!(
+                            e,
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull
+                            )
+                        ),
+                        "produce: {e}"
+                    );
+                    rec = r;
+                    p.poll(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(120)).expect("flush");
+}
+
+/// Commits the env's group offset of `topic`/`partition` at `offset` (as
+/// `kafka-consumer-groups --reset-offsets --to-offset` would, with the
+/// group empty). Not at the high watermark: tansu 0.6 reports one past
+/// the first offset of the last record batch (src/recs/replay.rs).
+pub fn commit_offset(env: &TestEnv, topic: &str, partition: i32, offset: i64) {
+    use rdkafka::consumer::CommitMode;
+    let c = group_client(env);
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))
+        .expect("offset");
+    c.commit(&tpl, CommitMode::Sync).expect("commit");
+    let mut asked = TopicPartitionList::new();
+    asked.add_partition(topic, partition);
+    let got = c
+        .committed_offsets(asked, Duration::from_secs(10))
+        .expect("committed offsets");
+    assert_eq!(
+        got.find_partition(topic, partition).map(|e| e.offset()),
+        Some(rdkafka::Offset::Offset(offset)),
+        "the broker did not keep the commit"
+    );
 }
