@@ -7,6 +7,9 @@
 # the time to just read the same topic through the replay path.
 #
 #   scripts/bench_warmup.sh [COUNT=1000000] [USERS=1000000]
+#
+# STREAMSCORE_BIN=<path> runs another build (a before/after in one
+# sitting) instead of this tree's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -16,12 +19,12 @@ USERS=${2:-1000000}
 ensure_all
 apt_install curl
 cargo build --release --quiet --bin streamscore --example bench_read
+BIN=${STREAMSCORE_BIN:-$PWD/target/release/streamscore}
 start_local_services bench-warmup
 HTTP_PORT=$(free_port)
 CFG=$RUN_DIR/streamscore.toml
 write_local_config "$CFG" '[recs]
 rebuild_interval = "0s"'
-BIN=$PWD/target/release/streamscore
 M="http://127.0.0.1:$HTTP_PORT/metrics"
 metric() { curl -s "$M" | awk -v n="$1" '$1 == n {print $2}'; }
 "$BIN" --config "$CFG" topics apply >/dev/null
@@ -41,6 +44,10 @@ until curl -sf "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null; do sleep 0.1; d
 until [ "$(metric streamscore_events_scored_total | cut -d. -f1)" -ge 200 ] 2>/dev/null; do sleep 0.2; done
 until curl -sf "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null; do sleep 0.1; done
 READY=$(date +%s.%N)
-log "second run: ready $(awk "BEGIN {printf \"%.1f\", $READY - $STARTED}") s after start; warm-up replayed $(metric streamscore_warmup_replayed_events_total) events in $(metric streamscore_warmup_duration_seconds_sum) s (sum over partitions, which warm up one after another); merchant stage replayed $(metric streamscore_merchant_warmup_replayed_events_total); merchant table rows $(metric streamscore_merchant_table_rows)"
+# Seconds from the assignment to the last partition's windows rebuilt
+# (warm-ups may run side by side, so the metric's sum is not wall time).
+ts() { date -d "$(sed 's/\x1b\[[0-9;]*m//g' "$RUN_DIR/run2.log" | grep -- "$1" | "$2" -1 | cut -d' ' -f1)" +%s.%N; }
+WARM_WALL=$(awk "BEGIN {printf \"%.2f\", $(ts 'warm-up: windows rebuilt' tail) - $(ts 'after kind="assign"' head)}")
+log "second run: ready $(awk "BEGIN {printf \"%.1f\", $READY - $STARTED}") s after start; warm-up replayed $(metric streamscore_warmup_replayed_events_total) events, $(metric streamscore_warmup_duration_seconds_sum) s summed over partitions, $WARM_WALL s from the assignment to the last partition rebuilt; merchant stage replayed $(metric streamscore_merchant_warmup_replayed_events_total); merchant table rows $(metric streamscore_merchant_table_rows)"
 log "peak RSS after warm-up: $(awk '/VmHWM/ {print $2, $3}' /proc/$PID/status)"
 kill -TERM "$PID"; wait "$PID" || true

@@ -23,13 +23,13 @@ use crate::features::Lateness;
 /// last commit is due (see [`Stage::settle_plan`]). Only this partition
 /// waits: the others of the assignment keep flowing.
 pub(super) struct Settling {
-    /// When the committed offset is read again and the partition resumed.
+    /// When the committed offset is read again and the warm-up starts.
     due: Instant,
     /// The committed offset when its first message arrived.
     first: i64,
     /// The partition's first message of this assignment: its event time and
     /// offset are what the warm-up needs. On resume the partition is read
-    /// again from this offset (see [`Stage::take_settled`]), so messages
+    /// again from this offset (see [`Stage::take_warmed`]), so messages
     /// that arrive during the hold (queued before the pause took effect)
     /// are dropped.
     msg: OwnedMessage,
@@ -98,11 +98,14 @@ enum Plan {
 }
 
 impl Stage {
-    /// Before `m` is taken: applies revocations, and if `m`'s partition is
-    /// new to this assignment, warms it up and takes into the batch any
-    /// message the broker skipped between the committed offset and `m`
-    /// (before `m`). False when `m` is held instead (its partition waits
-    /// for its previous owner's commit; [`Stage::take_settled`] takes it).
+    /// Before `m` is taken: applies revocations; true when `m` can be
+    /// taken now (its partition is warm, or was taken back with its kept
+    /// windows). False when its partition is new to this assignment: it is
+    /// paused with `m` kept, and either held for its previous owner's
+    /// commit ([`Stage::take_settled`] starts its warm-up when due) or
+    /// warmed up at once off the loop ([`Stage::take_warmed`] resumes it
+    /// from `m`). Messages of a paused partition that were already queued
+    /// are dropped (false): they come again from `m`.
     pub(super) fn before_take(&mut self, consumer: &Consumer_, m: &BorrowedMessage<'_>) -> bool {
         // Revocations happen inside `recv`: apply them before this message,
         // which already belongs to the new assignment.
