@@ -122,6 +122,8 @@ struct Stage {
     warm_tx: tokio::sync::mpsc::UnboundedSender<resume::WarmDone>,
     /// The last warm-up's id.
     warm_ids: u64,
+    /// Held by the warm-up that runs: one at a time.
+    warm_lock: Arc<std::sync::Mutex<()>>,
     /// The replicated merchant-features table.
     table: Arc<MerchantTable>,
     /// Where accepted events are forwarded, keyed by merchant.
@@ -497,6 +499,7 @@ pub async fn run(
         cancelled: HashMap::new(),
         warm_tx,
         warm_ids: 0,
+        warm_lock: Arc::default(),
         table: table.clone(),
         repartition_topic: repartition_topic.into(),
         revoked,

@@ -102,6 +102,9 @@ pub fn replay(
         fell_back_to_beginning: false,
         gap: Vec::new(),
     };
+    if r.cancel.load(Ordering::Relaxed) {
+        return Err(Cancelled.into());
+    }
     if r.until_offset <= 0 {
         return Ok(stats);
     }
