@@ -17,7 +17,7 @@ pub(super) async fn consume_loop(
     stage: &mut Stage,
     consumer: &Consumer_,
     tx: &mpsc::Sender<PendingBatch>,
-    mut warmed: mpsc::UnboundedReceiver<super::resume::WarmDone>,
+    mut warmed: mpsc::UnboundedReceiver<super::warming::WarmDone>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let max = stage.cfg.processing.batch_max_events;
@@ -120,7 +120,7 @@ pub(super) async fn consume_loop(
 /// What starts a batch.
 enum Next<M> {
     Message(M),
-    Warmed(super::resume::WarmDone),
+    Warmed(super::warming::WarmDone),
 }
 
 /// Removes from the batch being collected every message of a partition

@@ -26,6 +26,7 @@ pub mod output;
 pub mod redis_writer;
 mod resume;
 mod state;
+mod warming;
 pub mod warmup;
 
 use ack::{ack_loop, OutRecord, PendingBatch};
@@ -115,11 +116,11 @@ struct Stage {
     /// assignment gives them back (see `resume::forget_revoked`).
     parked: HashMap<i32, resume::Parked>,
     /// Partitions whose windows are rebuilt off the loop (paused).
-    warming: HashMap<i32, resume::Warming>,
+    warming: HashMap<i32, warming::Warming>,
     /// Warm-ups cancelled by a revocation whose task has not ended.
-    cancelled: HashMap<i32, resume::CancelledWarmUp>,
+    cancelled: HashMap<i32, warming::CancelledWarmUp>,
     /// Where warm-up tasks report (the consume loop holds the receiver).
-    warm_tx: tokio::sync::mpsc::UnboundedSender<resume::WarmDone>,
+    warm_tx: tokio::sync::mpsc::UnboundedSender<warming::WarmDone>,
     /// The last warm-up's id.
     warm_ids: u64,
     /// Held by the warm-up that runs: one at a time.

@@ -5,19 +5,14 @@
 //! broker skipped between the committed offset and the first delivered one
 //! are scored too, and the partition is read again from its first message.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{warmup, Consumer_, Input, Rejected, Scored, Stage};
-use crate::events;
-use crate::features::Lateness;
+use super::{Consumer_, Stage};
 
 /// A partition new to this process, paused until its previous owner's
 /// last commit is due (see [`Stage::settle_plan`]). Only this partition
@@ -45,48 +40,6 @@ pub(super) struct Parked {
     /// [`super::context::Revocations::assignments`] at its revocation: an
     /// assignment counted after that is the one that followed it.
     assignments: u64,
-}
-
-/// A partition whose windows are rebuilt from the log off the consume
-/// loop: paused, its first message kept, while the instance's other
-/// partitions keep flowing. [`Stage::take_warmed`] takes it when its
-/// warm-up task reports.
-pub(super) struct Warming {
-    /// Tells this warm-up's report from a cancelled one's.
-    id: u64,
-    /// The partition's first message of this assignment; read again from
-    /// it once warm.
-    msg: OwnedMessage,
-    /// The first offset to score (the committed offset).
-    score_from: i64,
-    /// Set when the entry goes (revocation, shutdown): the task stops.
-    cancel: Arc<AtomicBool>,
-}
-
-impl Drop for Warming {
-    fn drop(&mut self) {
-        self.cancel.store(true, Ordering::Relaxed);
-    }
-}
-
-/// A warm-up cancelled by a revocation whose task has not ended yet: it
-/// may still be folding events into its partition's users, so their
-/// windows are dropped when it ends, and a warm-up of the same partition
-/// (`deferred`: its first message and committed offset) starts only then.
-pub(super) struct CancelledWarmUp {
-    id: u64,
-    deferred: Option<(OwnedMessage, i64)>,
-}
-
-/// What a warm-up task reports to the consume loop.
-pub(super) struct WarmDone {
-    partition: i32,
-    id: u64,
-    /// The partition's lateness clock after the replay.
-    clock: Option<i64>,
-    result: anyhow::Result<warmup::WarmupStats>,
-    /// How long the replay took (its wait for its turn not counted).
-    seconds: f64,
 }
 
 /// What to do with a partition's first message.
@@ -139,7 +92,7 @@ impl Stage {
     fn is_paused_here(&self, partition: i32) -> bool {
         self.settling.contains_key(&partition)
             || self.warming.contains_key(&partition)
-            || (self.cancelled.get(&partition)).is_some_and(|c| c.deferred.is_some())
+            || self.waits_for_cancelled(partition)
     }
 
     /// Takes `partition` back with the windows kept when it was revoked, if
@@ -182,14 +135,14 @@ impl Stage {
     }
 
     /// Drops the windows kept for a parked partition.
-    fn drop_parked(&mut self, partition: i32) {
+    pub(super) fn drop_parked(&mut self, partition: i32) {
         if self.parked.remove(&partition).is_some() {
             self.drop_users(partition);
         }
     }
 
     /// Drops the windows of `partition`'s users and its lateness clock.
-    fn drop_users(&mut self, partition: i32) {
+    pub(super) fn drop_users(&mut self, partition: i32) {
         let dropped = self.engine.drop_partition_users(partition);
         self.lateness.forget(partition);
         tracing::info!(
@@ -290,7 +243,7 @@ impl Stage {
     /// partition that could not be paused keeps arriving and its messages
     /// are dropped until it is read again from its held message; one that
     /// could not be resumed would stall, so that is an error in the log.
-    fn pause_or_resume(&self, consumer: &Consumer_, partition: i32, pause: bool) {
+    pub(super) fn pause_or_resume(&self, consumer: &Consumer_, partition: i32, pause: bool) {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.in_topic, partition);
         let res = if pause {
@@ -305,222 +258,6 @@ impl Stage {
                 tracing::error!(error = %e, partition, "resuming a held partition failed");
             }
         }
-    }
-
-    /// Starts rebuilding the windows of `m`'s partition from the log on a
-    /// blocking thread ([`warmup::replay`]), scoring to start from
-    /// `score_from` (the committed offset). The partition is paused with
-    /// `m` (its first message) kept; the other partitions keep flowing.
-    /// If a cancelled warm-up of the partition is still running, this one
-    /// starts when that one ends.
-    fn start_warm_up(&mut self, consumer: &Consumer_, m: OwnedMessage, score_from: i64) {
-        let partition = m.partition();
-        // Kept windows that could not be taken back are rebuilt.
-        self.drop_parked(partition);
-        self.pause_or_resume(consumer, partition, true);
-        if let Some(c) = self.cancelled.get_mut(&partition) {
-            tracing::info!(
-                partition,
-                "a cancelled warm-up of this partition is still running; this one starts when it ends"
-            );
-            c.deferred = Some((m, score_from));
-            self.warming_changed();
-            return;
-        }
-        let limits = self.limits.for_replay();
-        let event_time =
-            match events::parse_transaction(m.payload().unwrap_or_default(), 0, &limits) {
-                Ok(t) => t.event_time,
-                Err(_) => m.timestamp().to_millis().unwrap_or_else(crate::now_ms),
-            };
-        // A broker may also resume *before* the committed offset (tansu 0.6
-        // answers with the whole record batch around it; seen as events
-        // scored twice after a rebalance). Everything before the committed
-        // offset has acknowledged outputs: it is folded by the warm-up and
-        // its messages are skipped as redeliveries, never scored again.
-        let until = if score_from > m.offset() {
-            tracing::warn!(
-                partition,
-                committed = score_from,
-                delivered = m.offset(),
-                "the broker resumed before the committed offset; skipping what was already scored"
-            );
-            score_from
-        } else {
-            m.offset()
-        };
-        self.warm_ids += 1;
-        let id = self.warm_ids;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let kafka = self.cfg.kafka.clone();
-        let topic = self.in_topic.clone();
-        let engine = self.engine.clone();
-        let grace_ms = self.cfg.windows.grace.as_millis() as i64;
-        let retention_ms = self.engine.spec().retention_ms();
-        let tx = self.warm_tx.clone();
-        let task_cancel = cancel.clone();
-        let one_at_a_time = self.warm_lock.clone();
-        tokio::task::spawn_blocking(move || {
-            // One warm-up at a time: side by side (four partitions at a
-            // restart) they took 4x as long each and 1.7x as long in all,
-            // contending for the window store and both cores.
-            let _turn = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
-            let started = Instant::now();
-            let r = warmup::Replay {
-                kafka: &kafka,
-                topic: &topic,
-                partition,
-                at_event_time: event_time,
-                until_offset: until,
-                score_from: score_from.min(until),
-                retention_ms,
-                limits,
-                deadline: Duration::from_secs(600),
-                cancel: &task_cancel,
-            };
-            // The partition's clock starts empty (it is new here, or was
-            // forgotten at its revocation) and is handed over when done.
-            let mut lateness = Lateness::new(grace_ms);
-            let result = warmup::replay(&r, &engine, &mut lateness);
-            // The loop may have stopped; then nothing waits for this.
-            let _ = tx.send(WarmDone {
-                partition,
-                id,
-                clock: lateness.clock(partition),
-                result,
-                seconds: started.elapsed().as_secs_f64(),
-            });
-        });
-        tracing::info!(
-            partition,
-            until,
-            score_from,
-            "warm-up started: the partition is paused, the others keep flowing"
-        );
-        self.warming.insert(
-            partition,
-            Warming {
-                id,
-                msg: m,
-                score_from,
-                cancel,
-            },
-        );
-        self.warming_changed();
-    }
-
-    /// Takes a warm-up's report: the partition's windows are complete, so
-    /// what the broker skipped between the committed offset and its first
-    /// message goes into the batch, and the partition is read again from
-    /// that first message. Not from after it: tansu 0.6 answers a fetch
-    /// from inside a record batch with the *next* batch, and librdkafka
-    /// resumes a paused partition after the last message it handed out, so
-    /// the rest of that message's batch would be skipped (seen: 15 events
-    /// lost per held partition). A first message is always a batch start
-    /// there, and anywhere on Kafka; it is then delivered again and scored.
-    /// The report of a cancelled warm-up drops what it folded and starts
-    /// the warm-up that waited for it.
-    pub(super) fn take_warmed(
-        &mut self,
-        consumer: &Consumer_,
-        done: WarmDone,
-        accepted: &mut Vec<Scored>,
-        rejected: &mut Vec<Rejected>,
-        offsets: &mut HashMap<i32, i64>,
-    ) -> anyhow::Result<()> {
-        self.forget_revoked(consumer);
-        let partition = done.partition;
-        if (self.cancelled.get(&partition)).is_some_and(|c| c.id == done.id) {
-            let deferred = self.cancelled.remove(&partition).and_then(|c| c.deferred);
-            self.drop_users(partition);
-            if let Some((m, score_from)) = deferred {
-                self.start_warm_up(consumer, m, score_from);
-            }
-            self.warming_changed();
-            return Ok(());
-        }
-        if (self.warming.get(&partition)).is_none_or(|w| w.id != done.id) {
-            tracing::warn!(partition, "report of an unknown warm-up ignored");
-            return Ok(());
-        }
-        let Some(w) = self.warming.remove(&partition) else {
-            return Ok(());
-        };
-        let secs = done.seconds;
-        self.warming_changed();
-        let stats = done
-            .result
-            .with_context(|| format!("warm-up of partition {partition}"))?;
-        if let Some(clock) = done.clock {
-            self.lateness.set_clock(partition, clock);
-        }
-        self.metrics.warmup_events.inc_by(stats.events);
-        self.metrics.warmup_duration.observe(secs);
-        tracing::info!(
-            partition,
-            from = stats.from_offset,
-            until = w.msg.offset().max(w.score_from),
-            events = stats.events,
-            fell_back = stats.fell_back_to_beginning,
-            seconds = secs,
-            "warm-up: windows rebuilt from the log"
-        );
-        self.warmed.insert(partition);
-        if w.score_from > w.msg.offset() {
-            self.next_offset.insert(partition, w.score_from);
-        }
-        let gap = stats.gap;
-        if !gap.is_empty() {
-            tracing::warn!(
-                partition, committed = w.score_from, delivered = w.msg.offset(),
-                recovered = gap.len(),
-                "the broker resumed past the committed offset; scoring the skipped messages from the log"
-            );
-            self.metrics.resume_gap_events.inc_by(gap.len() as u64);
-        }
-        for g in &gap {
-            let input = Input {
-                topic: w.msg.topic(),
-                partition,
-                offset: g.offset,
-                key: g.key.as_deref(),
-                payload: &g.payload,
-            };
-            self.take_input(&input, accepted, rejected, offsets);
-        }
-        // What lies below the committed offset comes again and is skipped
-        // as a redelivery (`next_offset`).
-        let from = w.msg.offset();
-        if let Err(e) = consumer.seek(
-            &self.in_topic,
-            partition,
-            Offset::Offset(from),
-            Duration::from_secs(10),
-        ) {
-            anyhow::bail!(
-                "seeking partition {partition} back to offset {from} after its warm-up failed: {e}; \
-                 resuming after it could skip messages, so the pipeline stops \
-                 (its offsets are committed only up to what was scored)"
-            );
-        }
-        self.pause_or_resume(consumer, partition, false);
-        Ok(())
-    }
-
-    /// Cancels every running warm-up (the pipeline stops).
-    pub(super) fn cancel_warm_ups(&mut self) {
-        self.warming.clear();
-        self.warming_changed();
-    }
-
-    /// Publishes how many partitions warm up (gauge, readiness).
-    fn warming_changed(&self) {
-        let n = self.warming.len()
-            + (self.cancelled.values())
-                .filter(|c| c.deferred.is_some())
-                .count();
-        self.metrics.partitions_warming.set(n as i64);
-        self.health.warming.store(n > 0, Ordering::Relaxed);
     }
 
     /// Whether `partition`'s first message can be scored now, and from
@@ -585,32 +322,7 @@ impl Stage {
         }
         for &p in &revoked {
             let next = self.next_offset.remove(&p);
-            if let Some(w) = self.warming.remove(&p) {
-                // Dropping the entry cancels the task; its users are
-                // dropped when it reports (it may still be folding).
-                self.cancelled.insert(
-                    p,
-                    CancelledWarmUp {
-                        id: w.id,
-                        deferred: None,
-                    },
-                );
-                self.pause_or_resume(consumer, p, false);
-                self.warming_changed();
-                tracing::info!(
-                    partition = p,
-                    "partition revoked while warming up: warm-up cancelled, its messages left to its next owner"
-                );
-            }
-            if let Some((m, _)) = (self.cancelled.get_mut(&p)).and_then(|c| c.deferred.take()) {
-                self.pause_or_resume(consumer, p, false);
-                self.warming_changed();
-                tracing::info!(
-                    partition = p,
-                    held_offset = m.offset(),
-                    "waiting partition revoked: its messages are left to its next owner"
-                );
-            }
+            self.cancel_revoked_warm_up(consumer, p);
             if let Some(s) = self.settling.remove(&p) {
                 self.metrics
                     .partitions_settling

@@ -180,20 +180,8 @@ fn a_partition_held_for_its_previous_owner_does_not_stall_the_others() {
         })
         .collect();
     assert!(!held.is_empty(), "a never logged a held partition:\n{log}");
-    let mut kept_in_window = 0;
-    let mut held_in_window = Vec::new();
-    for r in &scores {
-        let v = json(r);
-        let at = v["scored_at"].as_i64().expect("scored_at");
-        let p = v["source"]["partition"].as_i64().expect("source partition");
-        if (first_seen..=last_seen).contains(&at) {
-            if held.contains(&p) {
-                held_in_window.push((p, at));
-            } else {
-                kept_in_window += 1;
-            }
-        }
-    }
+    let (held_in_window, kept_in_window) =
+        scored_in_window(&scores, first_seen..=last_seen, |p| held.contains(&p));
     eprintln!(
         "held {held:?} for at least {} ms; {kept_in_window} events of the kept partitions scored meanwhile",
         last_seen - first_seen

@@ -162,20 +162,8 @@ fn a_partition_warming_up_does_not_stall_the_others() {
         .map(strip_ansi)
         .find(|l| l.contains("warm-up: windows rebuilt") && l.contains(" partition=0 "))
         .unwrap_or_else(|| panic!("no warm-up of partition 0 logged:\n{log}"));
-    let mut others_in_window = 0;
-    let mut zero_in_window = Vec::new();
-    for r in &scores {
-        let v = json(r);
-        let at = v["scored_at"].as_i64().expect("scored_at");
-        let p = v["source"]["partition"].as_i64().expect("source partition");
-        if (first_seen..=last_seen).contains(&at) {
-            if p == 0 {
-                zero_in_window.push(at);
-            } else {
-                others_in_window += 1;
-            }
-        }
-    }
+    let (zero_in_window, others_in_window) =
+        scored_in_window(&scores, first_seen..=last_seen, |p| p == 0);
     eprintln!(
         "{warmed}\nwarming seen for {} ms; {others_in_window} events of partitions 1-3 scored meanwhile",
         last_seen - first_seen

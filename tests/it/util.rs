@@ -1169,3 +1169,28 @@ pub fn commit_offset(env: &TestEnv, topic: &str, partition: i32, offset: i64) {
         "the broker did not keep the commit"
     );
 }
+
+/// The scores scored (`scored_at`) within `window` (ms), split by source
+/// partition: those of `paused` partitions as (partition, scored_at), and
+/// how many of the others there were.
+pub fn scored_in_window(
+    scores: &[Record],
+    window: std::ops::RangeInclusive<i64>,
+    paused: impl Fn(i64) -> bool,
+) -> (Vec<(i64, i64)>, usize) {
+    let mut in_paused = Vec::new();
+    let mut others = 0;
+    for r in scores {
+        let v = json(r);
+        let at = v["scored_at"].as_i64().expect("scored_at");
+        let p = v["source"]["partition"].as_i64().expect("source partition");
+        if window.contains(&at) {
+            if paused(p) {
+                in_paused.push((p, at));
+            } else {
+                others += 1;
+            }
+        }
+    }
+    (in_paused, others)
+}
