@@ -21,6 +21,11 @@ pub(crate) struct Revocations {
     assignments: std::sync::atomic::AtomicU64,
     /// [`Self::assignments`] at the last revocation.
     revoked_at: std::sync::atomic::AtomicU64,
+    /// The cancel flags of warm-ups started since their partition's last
+    /// revocation: a revocation sets them at once, from the rebalance
+    /// callback, so a revoked warm-up stops reading then and not at the
+    /// loop's next wake-up (up to a second later on an idle instance).
+    warm_ups: Mutex<HashMap<i32, Arc<AtomicBool>>>,
 }
 
 impl Revocations {
@@ -50,9 +55,26 @@ impl Revocations {
     fn push(&self, partitions: Vec<i32>) {
         self.revoked_at
             .store(self.assignments.load(Ordering::Acquire), Ordering::Release);
+        let cancels: Vec<_> = match self.warm_ups.lock() {
+            Ok(mut w) => (partitions.iter()).filter_map(|p| w.remove(p)).collect(),
+            Err(_) => Vec::new(),
+        };
         if let Ok(mut p) = self.partitions.lock() {
             p.extend(partitions);
             self.pending.store(true, Ordering::Release);
+        }
+        // After the revocation is pending: a cancelled task's report finds
+        // it there (the loop takes revocations before a report).
+        for c in cancels {
+            c.store(true, Ordering::Release);
+        }
+    }
+
+    /// Registers the cancel flag of a warm-up of `partition`: the
+    /// partition's next revocation sets it.
+    pub(crate) fn warm_up_started(&self, partition: i32, cancel: Arc<AtomicBool>) {
+        if let Ok(mut w) = self.warm_ups.lock() {
+            w.insert(partition, cancel);
         }
     }
 
@@ -310,5 +332,33 @@ mod tests {
         r.push(vec![2]);
         assert_eq!(r.take(), vec![1, 3, 2]);
         assert!(r.take().is_empty());
+    }
+
+    #[test]
+    fn a_revocation_cancels_its_partitions_warm_ups_at_once() {
+        let r = Revocations::default();
+        let (w1, w2) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        r.warm_up_started(1, w1.clone());
+        r.warm_up_started(2, w2.clone());
+        r.push(vec![1, 3]);
+        assert!(
+            w1.load(Ordering::Acquire),
+            "the revoked partition's warm-up goes on"
+        );
+        assert!(
+            !w2.load(Ordering::Acquire),
+            "a kept partition's warm-up was cancelled"
+        );
+        // A later warm-up of partition 1 has a flag of its own; an old
+        // revocation does not reach it, the next one does.
+        let w1b = Arc::new(AtomicBool::new(false));
+        r.warm_up_started(1, w1b.clone());
+        assert_eq!(r.take(), vec![1, 3]);
+        assert!(!w1b.load(Ordering::Acquire));
+        r.push(vec![1, 2]);
+        assert!(w1b.load(Ordering::Acquire) && w2.load(Ordering::Acquire));
     }
 }

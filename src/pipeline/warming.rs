@@ -113,6 +113,7 @@ impl Stage {
         let retention_ms = self.engine.spec().retention_ms();
         let tx = self.warm_tx.clone();
         let task_cancel = cancel.clone();
+        self.revoked.warm_up_started(partition, cancel.clone());
         let one_at_a_time = self.warm_lock.clone();
         tokio::task::spawn_blocking(move || {
             // One warm-up at a time: side by side (four partitions at a
@@ -186,6 +187,7 @@ impl Stage {
         let partition = done.partition;
         if (self.cancelled.get(&partition)).is_some_and(|c| c.id == done.id) {
             let deferred = self.cancelled.remove(&partition).and_then(|c| c.deferred);
+            tracing::info!(partition, seconds = done.seconds, "cancelled warm-up ended");
             self.drop_users(partition);
             if let Some((m, score_from)) = deferred {
                 self.start_warm_up(consumer, m, score_from);
