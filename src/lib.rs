@@ -25,6 +25,8 @@ the whole design; this page tells where each part lives.
 - [`http`]: the `/v1` serving API ([`http::api`]), `/metrics`, `/healthz`, `/readyz`.
 - [`sessions`]: live per-user sessions from the `interactions` stream.
 - [`metrics`]: every metric, in one place.
+- [`priority`]: lower CPU priority for the threads that must not slow the
+  stream.
 - [`generate`]: the synthetic event generator; [`commands`] the tool
   subcommands (`generate`, `features export`, `watch`, `topics apply`).
 - [`cli`]: the command line.
@@ -42,6 +44,7 @@ pub mod merchants;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod priority;
 pub mod recs;
 pub mod sessions;
 pub mod sinks;

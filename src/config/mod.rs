@@ -346,6 +346,7 @@ mod tests {
         assert_eq!(cfg.windows, WindowConfig::default());
         assert_eq!(cfg.kafka.consumer, kafka::default_consumer_options());
         assert_eq!(cfg.recs.compression, RecsConfig::default().compression);
+        assert_eq!(cfg.recs.nice, RecsConfig::default().nice);
     }
 
     #[test]
@@ -394,6 +395,8 @@ mod tests {
         assert!(msg.contains("model.threshold"), "{msg}");
         assert!(msg.contains("windows.hour_bucket"), "{msg}");
         assert!(msg.contains("processing.batch_max_events"), "{msg}");
+        let err = Config::from_toml_str("[recs]\nnice = 20\n").unwrap_err();
+        assert!(format!("{err}").contains("recs.nice"), "{err}");
     }
 
     #[test]

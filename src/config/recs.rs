@@ -14,6 +14,11 @@ pub struct RecsConfig {
     /// a rebuild when the newest generation in Redis is older than this.
     #[serde(with = "humantime_serde")]
     pub rebuild_interval: Duration,
+    /// How much lower than the stream the periodic rebuild inside `run`
+    /// runs (Linux nice, 0..=19): its replay, fold, ranking and publishing
+    /// threads yield the CPU to the scoring when both are busy. The
+    /// one-shot `streamscore rebuild` runs at normal priority.
+    pub nice: i32,
     /// Items per user.
     pub top_k: usize,
     /// Most recent items kept per user while replaying.
@@ -83,6 +88,7 @@ impl Default for RecsConfig {
     fn default() -> Self {
         RecsConfig {
             rebuild_interval: Duration::from_secs(3600),
+            nice: 10,
             top_k: 20,
             history_cap: 30,
             cooccurrence_window: 10,
@@ -106,6 +112,9 @@ impl RecsConfig {
     /// Cross-field checks; each problem names its field.
     pub(super) fn validate(&self, errs: &mut Vec<String>) {
         let r = self;
+        if !(0..=19).contains(&r.nice) {
+            errs.push("recs.nice: must be between 0 and 19".into());
+        }
         for (name, v) in [
             ("recs.top_k", r.top_k),
             ("recs.history_cap", r.history_cap),

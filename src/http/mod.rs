@@ -124,23 +124,11 @@ pub fn router(metrics: Metrics, health: Arc<Health>, api: Option<Arc<api::Api>>)
         .layer(axum::middleware::from_fn_with_state(metrics, observe))
 }
 
-/// Lowers the calling thread's CPU priority by `nice` (Linux: nice values
-/// are per thread). Failure only costs the priority, so it is logged.
+/// Lowers the calling thread's CPU priority by `nice`; failure only costs
+/// the priority, so it is logged.
 fn lower_priority(nice: i32) {
-    if nice == 0 {
-        return;
-    }
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: gettid and setpriority take no pointers; they act on the
-        // calling thread only.
-        let r = unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, tid, nice)
-        };
-        if r != 0 {
-            tracing::warn!(nice, "could not lower the HTTP threads' priority");
-        }
+    if !crate::priority::lower_thread_priority(nice) {
+        tracing::warn!(nice, "could not lower the HTTP threads' priority");
     }
 }
 

@@ -178,16 +178,39 @@ fn rebuild_publishes_candidates_deterministically_and_they_beat_popularity() {
     );
 
     // `run` rebuilds periodically (every 2 s here), one at a time, and its
-    // metrics tell the age of the recommendations.
+    // metrics tell the age of the recommendations. The rebuild's threads
+    // run `recs.nice` below the stream's (seen in /proc while it runs).
     let mut run = env.spawn_run_with(
         "periodic",
         env.http_port,
-        &[("STREAMSCORE__RECS__REBUILD_INTERVAL", "2s")],
+        &[
+            ("STREAMSCORE__RECS__REBUILD_INTERVAL", "2s"),
+            ("STREAMSCORE__RECS__NICE", "7"),
+        ],
     );
+    let pid = run.child.id();
+    let mut rebuild_threads_seen = HashSet::new();
+    let mut stream_nices = HashSet::new();
     let text = wait_for(Duration::from_secs(60), "two periodic rebuilds", || {
+        for (name, nice) in thread_nices(pid) {
+            if name.starts_with("streamscore-reb") || name == "rebuild-fold" {
+                assert_eq!(nice, 7, "rebuild thread {name} at nice {nice}");
+                rebuild_threads_seen.insert(name);
+            } else if name == "tokio-runtime-w" || name.starts_with("tokio-rt") {
+                stream_nices.insert(nice);
+            }
+        }
         let t = scrape(&env.metrics_url())?;
-        (metric(&t, "streamscore_recs_generation")? >= 4.0).then_some(t)
+        // Sampled every 100 ms: rebuilds go on until one was caught.
+        let seen = !rebuild_threads_seen.is_empty();
+        (metric(&t, "streamscore_recs_generation")? >= 4.0 && seen).then_some(t)
     });
+    eprintln!("rebuild threads seen at nice 7: {rebuild_threads_seen:?}");
+    assert_eq!(
+        stream_nices,
+        HashSet::from([0]),
+        "the stream's runtime threads"
+    );
     let built_at = metric(&text, "streamscore_recs_built_at_seconds").unwrap();
     let age = streamscore::now_ms() as f64 / 1000.0 - built_at;
     assert!((0.0..30.0).contains(&age), "recommendations {age} s old");
@@ -383,4 +406,28 @@ fn a_rebuild_killed_while_publishing_leaves_the_previous_generation_intact() {
         .iter()
         .all(|v| v.as_deref().map(generation) == Some(2.into())));
     assert_eq!(lists(&mut con, 1), gen1, "generation 1 changed");
+}
+
+/// The threads of process `pid`: name and nice value (Linux /proc).
+fn thread_nices(pid: u32) -> Vec<(String, i64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        // A thread may end between the listing and the read.
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        // Fields after the name start at field 3 (state); nice is field 19.
+        let nice = stat[close + 1..].split_whitespace().nth(16);
+        if let Some(n) = nice.and_then(|n| n.parse().ok()) {
+            out.push((name, n));
+        }
+    }
+    out
 }
