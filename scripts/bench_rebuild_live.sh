@@ -14,7 +14,8 @@
 # and outside that window.
 #
 # STREAMSCORE_BIN=<path> runs another build (a before/after in one
-# sitting); extra [recs] settings go in RECS_EXTRA (TOML lines).
+# sitting); extra [recs] settings go in RECS_EXTRA (TOML lines);
+# INTERVAL=0 runs the same traffic with no rebuild (the control).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -46,11 +47,15 @@ until [[ "$(curl -s "http://127.0.0.1:$HTTP_PORT/metrics" | awk '/^streamscore_e
   kill -0 "$RUN" 2>/dev/null || die "streamscore run exited (log: $RUN_DIR/run.log)"
   sleep 2
 done
-built=$(redis-cli -p "$REDIS_PORT" GET recs:meta | python3 -c 'import json,sys; print(json.load(sys.stdin)["built_at"] // 1000)')
-lead=$((built + INTERVAL - $(date +%s) - 20))
-((lead >= 0)) || die "run took too long to score the history; raise INTERVAL (now ${INTERVAL}s)"
-log "history scored; the periodic rebuild is due in $((lead + 20)) s; traffic starts in $lead s"
-sleep "$lead"
+if ((INTERVAL > 0)); then
+  built=$(redis-cli -p "$REDIS_PORT" GET recs:meta | python3 -c 'import json,sys; print(json.load(sys.stdin)["built_at"] // 1000)')
+  lead=$((built + INTERVAL - $(date +%s) - 20))
+  ((lead >= 0)) || die "run took too long to score the history; raise INTERVAL (now ${INTERVAL}s)"
+  log "history scored; the periodic rebuild is due in $((lead + 20)) s; traffic starts in $lead s"
+  sleep "$lead"
+else
+  log "history scored; INTERVAL=0: no periodic rebuild (the control)"
+fi
 DURATION=90
 # The threads of `run` by nice value, 5 s into the rebuild.
 (sleep 25 && ps -L -o ni=,comm= -p "$RUN" | sort | uniq -c >"$RUN_DIR/threads.txt") &
