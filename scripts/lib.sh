@@ -150,10 +150,11 @@ write_local_config() {
 
 # start_local_services NAME: a throw-away folder, a broker and redis-server
 # in it, and a trap that stops them and removes the folder on exit. Sets
-# RUN_DIR, TANSU_PORT, REDIS_PORT.
+# RUN_DIR, TANSU_PORT, REDIS_PORT. TANSU_ENGINE=sqlite picks tansu's
+# durable engine (default: memory).
 start_local_services() {
   RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/streamscore-$1.XXXXXX")
   trap 'stop_started; rm -rf "$RUN_DIR"' EXIT
-  start_tansu "$RUN_DIR/tansu"
+  start_tansu "$RUN_DIR/tansu" "${TANSU_ENGINE:-memory}"
   start_redis "$RUN_DIR/redis"
 }
