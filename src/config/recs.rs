@@ -15,7 +15,8 @@ pub struct RecsConfig {
     #[serde(with = "humantime_serde")]
     pub rebuild_interval: Duration,
     /// How much lower than the stream the periodic rebuild inside `run`
-    /// runs (Linux nice, 0..=19): its replay, fold, ranking and publishing
+    /// runs (Linux nice added to the process's, 0..=19; 19 at most): its
+    /// replay, fold, ranking and publishing
     /// threads yield the CPU to the scoring when both are busy. The
     /// one-shot `streamscore rebuild` runs at normal priority.
     pub nice: i32,

@@ -192,12 +192,21 @@ fn rebuild_publishes_candidates_deterministically_and_they_beat_popularity() {
     let mut rebuild_threads_seen = HashSet::new();
     let mut stream_nices = HashSet::new();
     let text = wait_for(Duration::from_secs(60), "two periodic rebuilds", || {
-        for (name, nice) in thread_nices(pid) {
+        let threads = thread_nices(pid);
+        let stream = (threads.iter())
+            .filter(|(name, _)| name == "tokio-runtime-w" || name.starts_with("tokio-rt"))
+            .map(|&(_, nice)| nice);
+        stream_nices.extend(stream);
+        // Relative to the process's own (the tests may run under `nice`).
+        let base = stream_nices.iter().copied().min().unwrap_or(0);
+        for (name, nice) in threads {
             if name.starts_with("streamscore-reb") || name == "rebuild-fold" {
-                assert_eq!(nice, 7, "rebuild thread {name} at nice {nice}");
+                assert_eq!(
+                    nice,
+                    (base + 7).min(19),
+                    "rebuild thread {name} at nice {nice}, the stream at {base}"
+                );
                 rebuild_threads_seen.insert(name);
-            } else if name == "tokio-runtime-w" || name.starts_with("tokio-rt") {
-                stream_nices.insert(nice);
             }
         }
         let t = scrape(&env.metrics_url())?;
@@ -207,9 +216,9 @@ fn rebuild_publishes_candidates_deterministically_and_they_beat_popularity() {
     });
     eprintln!("rebuild threads seen at nice 7: {rebuild_threads_seen:?}");
     assert_eq!(
-        stream_nices,
-        HashSet::from([0]),
-        "the stream's runtime threads"
+        stream_nices.len(),
+        1,
+        "the stream's runtime threads at one nice value: {stream_nices:?}"
     );
     let built_at = metric(&text, "streamscore_recs_built_at_seconds").unwrap();
     let age = streamscore::now_ms() as f64 / 1000.0 - built_at;
