@@ -27,8 +27,9 @@ fn show(metrics: &Metrics, m: &publish::Meta) {
 /// stream: everything it starts (the replay and fold threads, the ranking
 /// threads, its Kafka clients' threads, the Redis writer's tasks) inherits
 /// that priority, and none of it runs on the stream's runtime. Measured
-/// (docs/BENCHMARKS.md, "Scoring during a periodic rebuild"): the scores'
-/// per-second p99 during a rebuild went from 204-234 ms to 176-199 ms.
+/// (docs/BENCHMARKS.md, "Scoring during a periodic rebuild"): a small
+/// gain, the shared broker and Redis being most of the rebuild's cost to
+/// the stream on one machine.
 async fn rebuild_niced(
     cfg: &Config,
     cancel: Arc<AtomicBool>,
