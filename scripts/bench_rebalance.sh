@@ -41,9 +41,7 @@ fi
 FIRST=$!
 sleep 8
 if ((PRELOAD > 0)); then
-  until [[ "$(curl -s "http://127.0.0.1:$FIRST_PORT/metrics" | awk '/^streamscore_events_scored_total /{print int($2)}')" -ge "$PRELOAD" ]] 2>/dev/null; do
-    sleep 2
-  done
+  wait_scored "$FIRST_PORT" "$PRELOAD" "$FIRST"
   log "the first instance has scored the $PRELOAD preloaded transactions"
 fi
 DURATION=$((LEAVE_AT + 20))

@@ -43,10 +43,7 @@ log "producing $HISTORY transactions and $((HISTORY * 10)) interactions of histo
 "$BIN" --config "$CFG" rebuild 2>&1 >/dev/null | tail -1
 "$BIN" --config "$CFG" run >"$RUN_DIR/run.log" 2>&1 &
 RUN=$!
-until [[ "$(curl -s "http://127.0.0.1:$HTTP_PORT/metrics" | awk '/^streamscore_events_scored_total /{print int($2)}')" -ge "$HISTORY" ]] 2>/dev/null; do
-  kill -0 "$RUN" 2>/dev/null || die "streamscore run exited (log: $RUN_DIR/run.log)"
-  sleep 2
-done
+wait_scored "$HTTP_PORT" "$HISTORY" "$RUN"
 if ((INTERVAL > 0)); then
   built=$(redis-cli -p "$REDIS_PORT" GET recs:meta | python3 -c 'import json,sys; print(json.load(sys.stdin)["built_at"] // 1000)')
   lead=$((built + INTERVAL - $(date +%s) - 20))

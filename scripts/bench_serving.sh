@@ -34,7 +34,7 @@ for _ in $(seq 1 120); do
   sleep 1
 done
 curl -sf "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null || { tail -20 "$RUN_DIR/run.log"; die "run never became ready"; }
-scored() { curl -s "http://127.0.0.1:$HTTP_PORT/metrics" | awk '/^streamscore_events_scored_total /{print $2}'; }
+scored() { metric_at "$HTTP_PORT" streamscore_events_scored_total; }
 log "stream at $RATE tx/s (+ interactions) for the whole measurement"
 "$BIN" --config "$CFG" generate --rate "$RATE" --duration $((2 * SECS + 20))s \
   --interactions-per-txn 1 --users $USERS --seed 4 >/dev/null 2>&1 &

@@ -26,13 +26,13 @@ CFG=$RUN_DIR/streamscore.toml
 write_local_config "$CFG" '[recs]
 rebuild_interval = "0s"'
 M="http://127.0.0.1:$HTTP_PORT/metrics"
-metric() { curl -s "$M" | awk -v n="$1" '$1 == n {print $2}'; }
+metric() { metric_at "$HTTP_PORT" "$1"; }
 "$BIN" --config "$CFG" topics apply >/dev/null
 # 40 ms apart: COUNT events span well under 24 h of event time.
 "$BIN" --config "$CFG" generate --count "$COUNT" --users "$USERS" --mean-gap-ms 40 --seed 8 2>&1 | tail -1
 STREAMSCORE__KAFKA__INSTANCE_ID=bench-1 "$BIN" --config "$CFG" run 2>"$RUN_DIR/run1.log" &
 PID=$!
-until [ "$(metric streamscore_events_scored_total | cut -d. -f1)" -ge "$COUNT" ] 2>/dev/null; do sleep 2; done
+wait_scored "$HTTP_PORT" "$COUNT" "$PID"
 log "first run: $COUNT scored; peak RSS $(awk '/VmHWM/ {print $2, $3}' /proc/$PID/status), users held $(curl -s "$M" | awk '/^streamscore_window_keys\{store="user"\}/ {print $2}')"
 kill -TERM "$PID"; wait "$PID" || true
 target/release/examples/bench_read "$CFG" transactions

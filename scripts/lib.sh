@@ -148,6 +148,22 @@ write_local_config() {
   } >"$file"
 }
 
+# metric_at PORT NAME: the value of an unlabelled metric of the streamscore
+# serving /metrics on 127.0.0.1:PORT (empty when it does not answer).
+metric_at() { { curl -s "http://127.0.0.1:$1/metrics" || true; } | awk -v n="$2" '$1 == n {print $2}'; }
+
+# wait_scored PORT N PID: waits until that streamscore has scored N events;
+# dies if PID exits first.
+wait_scored() {
+  local port=$1 n=$2 pid=$3 v
+  while :; do
+    v=$(metric_at "$port" streamscore_events_scored_total | awk '{printf "%d", $1}')
+    [ -n "$v" ] && [ "$v" -ge "$n" ] && return 0
+    kill -0 "$pid" 2>/dev/null || die "streamscore (pid $pid) exited before scoring $n events"
+    sleep 2
+  done
+}
+
 # start_local_services NAME: a throw-away folder, a broker and redis-server
 # in it, and a trap that stops them and removes the folder on exit. Sets
 # RUN_DIR, TANSU_PORT, REDIS_PORT. TANSU_ENGINE=sqlite picks tansu's
