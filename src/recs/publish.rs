@@ -20,7 +20,7 @@ use super::{Candidates, Encoded, Scored, Source, UserRecs};
 use crate::config::Config;
 use crate::kafka::{self, produce};
 use crate::sinks::redis::{item_neighbours_key, recs_meta_key, recs_popular_key};
-use crate::sinks::redis_bulk::{push_hset_expire, BulkWriter};
+use crate::sinks::redis_bulk::{push_hset_expire, push_hset_expire_parts, BulkWriter};
 use crate::topics;
 
 /// One user's record (schemas/recommendation.json).
@@ -160,6 +160,34 @@ impl Default for Digest {
     }
 }
 
+/// The fields after `source` of every record of one generation, closing
+/// brace included: on the topic (generation, built-at, the offsets
+/// covered), and in Redis, where `recs:meta` holds the offsets (generation
+/// and built-at: a fifth less to store per user).
+fn record_tails(
+    generation: u64,
+    built_at: i64,
+    offsets: &[Range],
+) -> anyhow::Result<(String, String)> {
+    #[derive(Serialize)]
+    struct Tail<'a> {
+        generation: u64,
+        built_at: i64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offsets: Option<&'a [Range]>,
+    }
+    let tail = |offsets| {
+        serde_json::to_string(&Tail {
+            generation,
+            built_at,
+            offsets,
+        })
+        .map(|t| format!(",{}", &t[1..]))
+        .context("serialising the records' offsets")
+    };
+    Ok((tail(Some(offsets))?, tail(None)?))
+}
+
 async fn redis_conn(cfg: &Config) -> anyhow::Result<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(cfg.redis.url.as_str())
         .map_err(|e| anyhow::anyhow!("redis.url: {e}"))?;
@@ -282,6 +310,11 @@ pub struct Publisher {
     generation: u64,
     built_at: i64,
     offsets: Vec<Range>,
+    /// What every topic record of the generation ends with
+    /// ([`record_tails`]).
+    tail: String,
+    /// What every Redis copy ends with instead: no offsets.
+    redis_tail: String,
     ttl: u64,
     digest: Digest,
     users: usize,
@@ -312,6 +345,7 @@ impl Publisher {
             .await?
             .map_or(1, |m| m.generation + 1);
         let bulk = BulkWriter::connect(&cfg.redis.url).await?;
+        let (tail, redis_tail) = record_tails(generation, built_at, &offsets)?;
         let transactional = cfg.recs.topic_transactions;
         let producer = if transactional {
             let p = transactional_producer(cfg).await?;
@@ -333,6 +367,8 @@ impl Publisher {
             generation,
             built_at,
             offsets,
+            tail,
+            redis_tail,
             ttl: cfg.recs.ttl.as_secs().max(1),
             digest: Digest::new(),
             users: 0,
@@ -348,20 +384,8 @@ impl Publisher {
 
     /// The fields of every record of this generation after `source`,
     /// closing brace included (what [`super::Ranker::encode`] appends).
-    pub fn record_tail(&self) -> anyhow::Result<String> {
-        #[derive(Serialize)]
-        struct Tail<'a> {
-            generation: u64,
-            built_at: i64,
-            offsets: &'a [Range],
-        }
-        let t = serde_json::to_string(&Tail {
-            generation: self.generation,
-            built_at: self.built_at,
-            offsets: &self.offsets,
-        })
-        .context("serialising the records' offsets")?;
-        Ok(format!(",{}", &t[1..]))
+    pub fn record_tail(&self) -> String {
+        self.tail.clone()
     }
 
     /// The next users' encoded records (in user id order) to the topic and
@@ -377,6 +401,9 @@ impl Publisher {
             resp.clear();
             let acks = ChunkAcks::new(chunk.len());
             for (user, json) in chunk {
+                let head = json
+                    .strip_suffix(self.tail.as_bytes())
+                    .context("a ranked record without its generation's tail")?;
                 let rec = BaseRecord::with_opaque_to(&self.topic, acks.clone())
                     .key(*user)
                     .payload(*json);
@@ -385,7 +412,13 @@ impl Publisher {
                     .with_context(|| format!("producing to {}", self.topic))?;
                 key.truncate(key_prefix);
                 key.extend_from_slice(user);
-                hset_generation(&mut resp, &key, self.generation, json, self.ttl);
+                push_hset_expire_parts(
+                    &mut resp,
+                    &key,
+                    generation_field(self.generation),
+                    &[head, self.redis_tail.as_bytes()],
+                    self.ttl,
+                );
             }
             self.in_flight.push_back(Chunk {
                 acks,

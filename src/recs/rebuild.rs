@@ -84,7 +84,7 @@ pub async fn rebuild_once(
     let ranker = std::sync::Arc::new(ranker);
     let mut publisher =
         publish::Publisher::start(cfg, stats.ranges.clone(), crate::now_ms()).await?;
-    let tail = publisher.record_tail()?;
+    let tail = publisher.record_tail();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Encoded>(4);
     // Published parts come back to be written into again.
     let (back, spares) = std::sync::mpsc::channel::<Encoded>();

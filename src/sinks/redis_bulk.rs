@@ -21,17 +21,40 @@ use tokio::task::JoinHandle;
 pub fn push_command(buf: &mut Vec<u8>, args: &[&[u8]]) {
     push_len(buf, b'*', args.len());
     for a in args {
-        push_len(buf, b'$', a.len());
-        buf.extend_from_slice(a);
-        buf.extend_from_slice(b"\r\n");
+        push_bulk(buf, &[a]);
     }
+}
+
+/// Appends one bulk string: the concatenation of `parts`.
+fn push_bulk(buf: &mut Vec<u8>, parts: &[&[u8]]) {
+    push_len(buf, b'$', parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        buf.extend_from_slice(p);
+    }
+    buf.extend_from_slice(b"\r\n");
 }
 
 /// `HSET key field value` then `EXPIRE key ttl`: two commands.
 pub fn push_hset_expire(buf: &mut Vec<u8>, key: &[u8], field: u64, value: &[u8], ttl: u64) {
+    push_hset_expire_parts(buf, key, field, &[value], ttl);
+}
+
+/// [`push_hset_expire`] with the value given in parts (sent as their
+/// concatenation).
+pub fn push_hset_expire_parts(
+    buf: &mut Vec<u8>,
+    key: &[u8],
+    field: u64,
+    value: &[&[u8]],
+    ttl: u64,
+) {
     let mut f = itoa::Buffer::new();
     let mut t = itoa::Buffer::new();
-    push_command(buf, &[b"HSET", key, f.format(field).as_bytes(), value]);
+    push_len(buf, b'*', 4);
+    push_bulk(buf, &[b"HSET"]);
+    push_bulk(buf, &[key]);
+    push_bulk(buf, &[f.format(field).as_bytes()]);
+    push_bulk(buf, value);
     push_command(buf, &[b"EXPIRE", key, t.format(ttl).as_bytes()]);
 }
 
@@ -198,5 +221,9 @@ mod tests {
         let mut e = Vec::new();
         push_command(&mut e, &[b"SET", b"k", b""]);
         assert_eq!(e, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n");
+        // A value in parts is one bulk string.
+        let mut p = Vec::new();
+        push_hset_expire_parts(&mut p, b"recs:u1", 1, &[b"{\"a\"", b":1}"], 86400);
+        assert_eq!(p, b);
     }
 }
