@@ -20,7 +20,7 @@ use super::{Candidates, Encoded, Scored, Source, UserRecs};
 use crate::config::Config;
 use crate::kafka::{self, produce};
 use crate::sinks::redis::{item_neighbours_key, recs_meta_key, recs_popular_key};
-use crate::sinks::redis_bulk::{push_hset_expire, push_hset_expire_parts, BulkWriter};
+use crate::sinks::redis_bulk::{push_hset_expire_parts, BulkWriter};
 use crate::topics;
 
 /// One user's record (schemas/recommendation.json).
@@ -211,10 +211,10 @@ pub fn generation_field(generation: u64) -> u64 {
     generation % 2
 }
 
-/// Appends one generation's value as RESP: field [`generation_field`] of
-/// `key` (a hash), TTL renewed.
-fn hset_generation(buf: &mut Vec<u8>, key: &[u8], generation: u64, json: &[u8], ttl: u64) {
-    push_hset_expire(buf, key, generation_field(generation), json, ttl);
+/// Appends one generation's value (the concatenation of `json`) as RESP:
+/// field [`generation_field`] of `key` (a hash), TTL renewed.
+fn hset_generation(buf: &mut Vec<u8>, key: &[u8], generation: u64, json: &[&[u8]], ttl: u64) {
+    push_hset_expire_parts(buf, key, generation_field(generation), json, ttl);
 }
 
 /// The delivery reports of one chunk's topic records, counted down by
@@ -412,10 +412,10 @@ impl Publisher {
                     .with_context(|| format!("producing to {}", self.topic))?;
                 key.truncate(key_prefix);
                 key.extend_from_slice(user);
-                push_hset_expire_parts(
+                hset_generation(
                     &mut resp,
                     &key,
-                    generation_field(self.generation),
+                    self.generation,
                     &[head, self.redis_tail.as_bytes()],
                     self.ttl,
                 );
@@ -473,7 +473,7 @@ impl Publisher {
                     &mut resp,
                     item_neighbours_key(&prefix, item).as_bytes(),
                     generation,
-                    &json,
+                    &[&json],
                     ttl,
                 );
             }
@@ -493,7 +493,7 @@ impl Publisher {
             &mut resp,
             recs_popular_key(&prefix).as_bytes(),
             generation,
-            popular_json.to_string().as_bytes(),
+            &[popular_json.to_string().as_bytes()],
             ttl,
         );
         self.bulk

@@ -12,7 +12,8 @@ use super::publish::{generation_field, Meta};
 use super::{Scored, Source};
 use crate::sinks::redis::{item_neighbours_key, recs_key, recs_meta_key, recs_popular_key};
 
-/// A user's record as published (schemas/recommendation.json).
+/// A user's record as Redis holds it: their `recommendations` record
+/// (schemas/recommendation.json) without the offsets, which `recs:meta` holds.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct UserList {
     pub user_id: String,
