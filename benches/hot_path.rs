@@ -5,7 +5,10 @@
 //! - `features`: point-in-time features + state update of one event;
 //! - `score`: the model on one row, and per batch of 64 rows;
 //! - `event`: parse + features + score per event at batch 64 (what `run` does
-//!   per message before producing).
+//!   per message before producing);
+//! - `interaction`: parse + validation of one interaction (what the
+//!   rebuild's replay and the sessions do per message) against the plain
+//!   serde pass it replaced, in the same run.
 //!
 //! The state is warmed with 200,000 generated events over 50,000 users first,
 //! so lookups hit a realistically sized map.
@@ -13,9 +16,9 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
 use streamscore::config::WindowConfig;
-use streamscore::events::{parse_transaction, Limits};
+use streamscore::events::{parse_interaction_ref, parse_transaction, InteractionRef, Limits};
 use streamscore::features::{FeatureEngine, Features, WindowSpec};
-use streamscore::generate::{GenOptions, TxnGenerator};
+use streamscore::generate::{GenOptions, InteractionGenerator, TxnGenerator};
 use streamscore::model::{FraudModel, BATCH};
 
 fn setup() -> (FeatureEngine, Vec<Vec<u8>>, FraudModel, i64) {
@@ -103,6 +106,27 @@ fn bench(c: &mut Criterion) {
                 batch.push(engine.process(&t, true));
             }
             black_box(model.score(&batch).unwrap())
+        })
+    });
+    g.finish();
+
+    let interactions: Vec<Vec<u8>> = InteractionGenerator::new(1, 50_000, 5_000, now, 10.0)
+        .take(4_096)
+        .map(|e| serde_json::to_vec(&e).unwrap())
+        .collect();
+    let mut g = c.benchmark_group("interaction");
+    g.throughput(Throughput::Elements(1));
+    let mut k = 0;
+    g.bench_function("parse", |b| {
+        b.iter(|| {
+            k = (k + 1) % interactions.len();
+            black_box(parse_interaction_ref(&interactions[k], now, &limits).unwrap())
+        })
+    });
+    g.bench_function("serde_only", |b| {
+        b.iter(|| {
+            k = (k + 1) % interactions.len();
+            black_box(serde_json::from_slice::<InteractionRef>(&interactions[k]).unwrap())
         })
     });
     g.finish();
