@@ -2,6 +2,7 @@
 //! backpressure, and the consumer context that logs rebalances.
 
 pub mod admin;
+pub mod batch;
 pub mod follow;
 pub mod produce;
 pub mod replay;

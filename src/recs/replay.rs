@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::KafkaConfig;
 use crate::events::{self, InteractionRef, Limits};
+use crate::kafka::batch::Batch;
 
 /// The log range one partition contributed (`to` exclusive).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -33,6 +33,8 @@ pub struct ReplayStats {
     pub skipped_invalid: u64,
 }
 
+/// Messages taken off the consumer queue per call (see `kafka::batch`).
+const READ_BATCH: usize = 1024;
 /// Longest wait for the next message before the end is reached.
 const STALL: Duration = Duration::from_secs(30);
 /// tansu 0.6 reports a high watermark one past the *first* offset of the
@@ -87,56 +89,55 @@ pub fn read_all(
             let mut last_msg = Instant::now();
             let mut idle = false;
             let mut reached: Option<Instant> = None;
+            let mut batch = Batch::new(&c, READ_BATCH);
             loop {
                 if cancel.load(std::sync::atomic::Ordering::Relaxed) {
                     anyhow::bail!("replay of {topic} cancelled at {topic}/{p} offset {next}");
                 }
-                match c.poll(Duration::from_millis(50)) {
-                    Some(m) => {
-                        let m = m.with_context(|| format!("reading {topic}/{p}"))?;
-                        if m.offset() < next {
-                            continue; // delivered again
-                        }
-                        next = m.offset() + 1;
-                        done += 1;
-                        // The clock only now and then while messages
-                        // stream (reading it per message was 2.4 % of a
-                        // rebuild's CPU); always after an empty poll.
-                        if idle || done % 1024 == 0 || next >= high {
-                            last_msg = Instant::now();
-                            idle = false;
-                        }
-                        match events::parse_interaction_ref(
-                            m.payload().unwrap_or_default(),
-                            0,
-                            &limits,
-                        ) {
-                            Ok(ev) => {
-                                stats.events += 1;
-                                fold(ev);
-                            }
-                            Err(_) => stats.skipped_invalid += 1,
-                        }
-                        if next >= high && reached.is_none() {
-                            reached = Some(Instant::now());
-                        }
-                        if done % 1024 == 0 && last_progress.elapsed() >= Duration::from_millis(500)
-                        {
-                            progress(done, total);
-                            last_progress = Instant::now();
-                        }
+                let n = batch
+                    .fill(Duration::from_millis(50))
+                    .with_context(|| format!("reading {topic}/{p}"))?;
+                for m in batch.iter() {
+                    if let Some(e) = m.error() {
+                        return Err(e).with_context(|| format!("reading {topic}/{p}"));
                     }
-                    None => {
-                        idle = true;
-                        if let Some(r) = reached {
-                            if last_msg.elapsed() >= TAIL_GAP || r.elapsed() >= TAIL_MAX {
-                                break;
-                            }
-                        } else if last_msg.elapsed() >= STALL {
-                            anyhow::bail!(
-                                "replay of {topic}/{p} stalled at offset {next} (end {high})"
-                            );
+                    if m.partition() != p || m.offset() < next {
+                        continue; // delivered again
+                    }
+                    next = m.offset() + 1;
+                    done += 1;
+                    // The clock only now and then while messages stream
+                    // (reading it per message was 2.4 % of a rebuild's
+                    // CPU); always after an empty batch.
+                    if idle || done % 1024 == 0 || next >= high {
+                        last_msg = Instant::now();
+                        idle = false;
+                    }
+                    match events::parse_interaction_ref(m.payload(), 0, &limits) {
+                        Ok(ev) => {
+                            stats.events += 1;
+                            fold(ev);
                         }
+                        Err(_) => stats.skipped_invalid += 1,
+                    }
+                    if next >= high && reached.is_none() {
+                        reached = Some(Instant::now());
+                    }
+                    if done % 1024 == 0 && last_progress.elapsed() >= Duration::from_millis(500) {
+                        progress(done, total);
+                        last_progress = Instant::now();
+                    }
+                }
+                if n == 0 {
+                    idle = true;
+                    if let Some(r) = reached {
+                        if last_msg.elapsed() >= TAIL_GAP || r.elapsed() >= TAIL_MAX {
+                            break;
+                        }
+                    } else if last_msg.elapsed() >= STALL {
+                        anyhow::bail!(
+                            "replay of {topic}/{p} stalled at offset {next} (end {high})"
+                        );
                     }
                 }
                 if reached.is_some_and(|r| r.elapsed() >= TAIL_MAX) {

@@ -3,6 +3,7 @@ mod cli;
 mod compose;
 mod flood;
 mod fraud_path;
+mod kafka_batch;
 mod key_flood;
 mod prometheus;
 mod rebalance;
