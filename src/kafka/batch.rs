@@ -7,7 +7,8 @@
 //! message lives in: a `perf` of a 10 M-event rebuild put 4.8 % of all its
 //! samples in `clock_gettime` on the replay thread alone. librdkafka's
 //! `rd_kafka_consume_batch_queue` takes up to a batch of messages off the
-//! consumer queue in one call.
+//! consumer queue in one call (the call confluent-kafka-python's
+//! `Consumer.consume(num_messages)` makes on the same queue).
 //!
 //! The consumer must be one that is only ever read through this (its
 //! partitions set with `assign`, no group subscription): the batch call

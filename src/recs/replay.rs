@@ -102,7 +102,9 @@ pub fn read_all(
                         return Err(e).with_context(|| format!("reading {topic}/{p}"));
                     }
                     if m.partition() != p || m.offset() < next {
-                        continue; // delivered again
+                        // Delivered again, or left over from the previous
+                        // partition's assignment.
+                        continue;
                     }
                     next = m.offset() + 1;
                     done += 1;
