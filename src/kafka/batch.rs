@@ -38,10 +38,6 @@ pub struct Batch<'c> {
     _consumer: PhantomData<&'c ()>,
 }
 
-// SAFETY: the queue handle and the messages are librdkafka objects that may
-// be used from any thread; the batch owns them (each destroyed once).
-unsafe impl Send for Batch<'_> {}
-
 /// One message of a [`Batch`].
 pub struct Msg<'b> {
     m: &'b rdsys::rd_kafka_message_t,
