@@ -19,20 +19,23 @@ struct Scan<'a> {
     /// The whole message, valid UTF-8 (checked once: a string between two
     /// quotes, which are ASCII, is then valid too).
     t: &'a str,
-    b: &'a [u8],
     at: usize,
 }
 
 impl<'a> Scan<'a> {
+    fn bytes(&self) -> &'a [u8] {
+        self.t.as_bytes()
+    }
+
     /// Skips JSON whitespace.
     fn ws(&mut self) {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.b.get(self.at) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes().get(self.at) {
             self.at += 1;
         }
     }
 
     fn next(&mut self) -> Option<u8> {
-        let c = *self.b.get(self.at)?;
+        let c = *self.bytes().get(self.at)?;
         self.at += 1;
         Some(c)
     }
@@ -41,7 +44,7 @@ impl<'a> Scan<'a> {
     /// on with, taken; `None` if it goes on with none of them (a name
     /// spelled any other way: an escape, an unknown field or kind).
     fn one_of<T: Copy>(&mut self, table: &[(&[u8], T)]) -> Option<T> {
-        let rest = self.b.get(self.at..)?;
+        let rest = self.bytes().get(self.at..)?;
         let (lit, v) = table.iter().find(|(lit, _)| rest.starts_with(lit))?;
         self.at += lit.len();
         Some(*v)
@@ -53,7 +56,7 @@ impl<'a> Scan<'a> {
             return None;
         }
         let start = self.at;
-        let rest = self.b.get(start..)?;
+        let rest = self.bytes().get(start..)?;
         let len = stop(rest)?;
         if rest[len] != b'"' {
             return None;
@@ -67,7 +70,7 @@ impl<'a> Scan<'a> {
     fn int(&mut self) -> Option<i64> {
         let start = self.at;
         let mut n: i64 = 0;
-        while let Some(c @ b'0'..=b'9') = self.b.get(self.at) {
+        while let Some(c @ b'0'..=b'9') = self.bytes().get(self.at) {
             if self.at - start == 18 {
                 return None;
             }
@@ -75,10 +78,10 @@ impl<'a> Scan<'a> {
             self.at += 1;
         }
         let digits = self.at - start;
-        if digits == 0 || (self.b[start] == b'0' && digits > 1) {
+        if digits == 0 || (self.bytes()[start] == b'0' && digits > 1) {
             return None;
         }
-        match self.b.get(self.at) {
+        match self.bytes().get(self.at) {
             Some(b'.' | b'e' | b'E') => None,
             _ => Some(n),
         }
@@ -148,7 +151,7 @@ enum Field {
 /// module documentation; `None` means "ask serde", not "invalid".
 pub(super) fn interaction(raw: &[u8]) -> Option<InteractionRef<'_>> {
     let t = std::str::from_utf8(raw).ok()?;
-    let mut s = Scan { t, b: raw, at: 0 };
+    let mut s = Scan { t, at: 0 };
     let (mut event_id, mut user_id, mut item_id) = (None, None, None);
     let (mut kind_of, mut event_time) = (None, None);
     s.ws();

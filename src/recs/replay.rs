@@ -74,6 +74,7 @@ pub fn read_all(
     let mut stats = ReplayStats::default();
     let mut done = 0u64;
     let mut last_progress = Instant::now();
+    let mut batch = Batch::new(&c, READ_BATCH);
     for (p, low, high) in ends {
         let mut range = Range {
             topic: topic.to_string(),
@@ -89,7 +90,6 @@ pub fn read_all(
             let mut last_msg = Instant::now();
             let mut idle = false;
             let mut reached: Option<Instant> = None;
-            let mut batch = Batch::new(&c, READ_BATCH);
             loop {
                 if cancel.load(std::sync::atomic::Ordering::Relaxed) {
                     anyhow::bail!("replay of {topic} cancelled at {topic}/{p} offset {next}");
