@@ -115,14 +115,11 @@ struct Stage {
     /// Partitions revoked with their windows kept, in case the next
     /// assignment gives them back (see `resume::forget_revoked`).
     parked: HashMap<i32, resume::Parked>,
-    /// Partitions whose windows are rebuilt off the loop (paused).
-    warming: HashMap<i32, warming::Warming>,
-    /// Warm-ups cancelled by a revocation whose task has not ended.
-    cancelled: HashMap<i32, warming::CancelledWarmUp>,
+    /// Partitions whose windows are rebuilt off the loop (paused), and
+    /// warm-ups cancelled by a revocation whose task has not ended.
+    warm_ups: warming::WarmUps<rdkafka::message::OwnedMessage>,
     /// Where warm-up tasks report (the consume loop holds the receiver).
     warm_tx: tokio::sync::mpsc::UnboundedSender<warming::WarmDone>,
-    /// The last warm-up's id.
-    warm_ids: u64,
     /// Held by the warm-up that runs: one at a time.
     warm_lock: Arc<std::sync::Mutex<()>>,
     /// The replicated merchant-features table.
@@ -496,10 +493,8 @@ pub async fn run(
         assign_settle: resume::assign_settle(&cfg),
         settling: Default::default(),
         parked: HashMap::new(),
-        warming: HashMap::new(),
-        cancelled: HashMap::new(),
+        warm_ups: Default::default(),
         warm_tx,
-        warm_ids: 0,
         warm_lock: Arc::default(),
         table: table.clone(),
         repartition_topic: repartition_topic.into(),

@@ -91,7 +91,7 @@ impl Stage {
     /// its first message when resumed.
     fn is_paused_here(&self, partition: i32) -> bool {
         self.settling.contains_key(&partition)
-            || self.warming.contains_key(&partition)
+            || self.warm_ups.running(partition)
             || self.waits_for_cancelled(partition)
     }
 
