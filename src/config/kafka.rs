@@ -145,6 +145,15 @@ impl KafkaConfig {
                     "{section}.\"{key}\": set it with kafka.brokers / kafka.group_id / kafka.instance_id instead"
                 ));
                 }
+                if section != "kafka.producer"
+                    && key == "partition.assignment.strategy"
+                    && (value.split(','))
+                        .any(|s| s.trim().eq_ignore_ascii_case("cooperative-sticky"))
+                {
+                    errs.push(format!(
+                    "{section}.\"{key}\": cooperative-sticky is not supported: the revocation drain, the windows kept across a rebalance and the hold of gained partitions are built and tested for the eager protocol (range, roundrobin)"
+                ));
+                }
                 if section == "kafka.consumer"
                     && matches!(
                         key.as_str(),

@@ -428,6 +428,30 @@ mod tests {
     }
 
     #[test]
+    fn the_cooperative_assignor_is_rejected_naming_the_key() {
+        for (section, value) in [
+            ("consumer", "cooperative-sticky"),
+            ("common", "range, Cooperative-Sticky"),
+        ] {
+            let err = Config::from_toml_str(&format!(
+                "[kafka.{section}]\n\"partition.assignment.strategy\" = \"{value}\"\n"
+            ))
+            .unwrap_err();
+            let msg = format!("{err}");
+            assert!(
+                msg.contains(&format!(
+                    "kafka.{section}.\"partition.assignment.strategy\""
+                )) && msg.contains("eager"),
+                "{msg}"
+            );
+        }
+        Config::from_toml_str(
+            "[kafka.consumer]\n\"partition.assignment.strategy\" = \"roundrobin\"\n",
+        )
+        .expect("an eager assignor loads");
+    }
+
+    #[test]
     #[allow(clippy::result_large_err)] // figment::Jail's own error type
     fn env_overrides_file_and_unknown_env_key_is_named() {
         figment::Jail::expect_with(|jail| {
