@@ -112,6 +112,16 @@ impl<M> WarmUps<M> {
     /// its windows rebuilt: now, or after a cancelled warm-up of the
     /// partition ends.
     pub fn start(&mut self, partition: i32, msg: M, score_from: i64) -> Start {
+        // One already running (not seen: a partition's messages are
+        // dropped while it warms up) is cancelled and waited for like a
+        // revoked one: two warm-ups never fold one partition at once.
+        if let Some(w) = self.warming.remove(&partition) {
+            let c = CancelledWarmUp {
+                id: w.id,
+                deferred: None,
+            };
+            self.cancelled.insert(partition, c);
+        }
         if let Some(c) = self.cancelled.get_mut(&partition) {
             c.deferred = Some((msg, score_from));
             return Start::AfterCancelled;
@@ -124,8 +134,6 @@ impl<M> WarmUps<M> {
             score_from,
             _cancel: CancelOnDrop(cancel.clone()),
         };
-        // A warm-up still listed for the partition (not seen: a partition
-        // warms up once per assignment) is replaced, and so cancelled.
         self.warming.insert(partition, w);
         Start::Now {
             id: self.ids,
@@ -601,6 +609,21 @@ mod tests {
         // The partition comes back after that: it starts at once.
         let (again, _) = started(w.start(0, 4, 4));
         assert_ne!(again, id);
+    }
+
+    #[test]
+    fn a_second_first_message_of_a_warming_partition_waits_for_the_first_warm_up() {
+        let mut w = WarmUps::<Msg>::default();
+        let (first, cancel) = started(w.start(0, 1, 1));
+        assert!(matches!(w.start(0, 3, 3), Start::AfterCancelled));
+        assert!(cancel.load(Ordering::Relaxed), "the first warm-up goes on");
+        assert!(!w.running(0) && w.waits(0));
+        assert_eq!(
+            w.report(0, first),
+            Report::CancelledEnded {
+                deferred: Some((3, 3))
+            }
+        );
     }
 
     #[test]
