@@ -26,6 +26,7 @@ pub mod output;
 pub mod redis_writer;
 mod resume;
 mod state;
+mod warm_ups;
 mod warming;
 pub mod warmup;
 
@@ -117,7 +118,7 @@ struct Stage {
     parked: HashMap<i32, resume::Parked>,
     /// Partitions whose windows are rebuilt off the loop (paused), and
     /// warm-ups cancelled by a revocation whose task has not ended.
-    warm_ups: warming::WarmUps<rdkafka::message::OwnedMessage>,
+    warm_ups: warm_ups::WarmUps<rdkafka::message::OwnedMessage>,
     /// Where warm-up tasks report (the consume loop holds the receiver).
     warm_tx: tokio::sync::mpsc::UnboundedSender<warming::WarmDone>,
     /// Held by the warm-up that runs: one at a time.

@@ -92,7 +92,7 @@ impl Stage {
     fn is_paused_here(&self, partition: i32) -> bool {
         self.settling.contains_key(&partition)
             || self.warm_ups.running(partition)
-            || self.waits_for_cancelled(partition)
+            || self.warm_ups.waits(partition)
     }
 
     /// Takes `partition` back with the windows kept when it was revoked, if
