@@ -194,6 +194,120 @@ pub(super) struct Pair {
 /// each, twice: 96 MB at most).
 const PAIR_BATCH: usize = 1 << 22;
 
+/// The neighbour lists, and the scratch of merging buffered pairs into
+/// them (see [`Builder`]).
+pub(super) struct Lists {
+    max_neighbours: usize,
+    /// Neighbours per item, weighted (f32: half the memory traffic; sums
+    /// of one pair stay well within its precision for ranking), in no
+    /// particular order.
+    pub(super) co: Vec<Vec<(u32, f32)>>,
+    /// Scratch of the merge: pairs sorted by item, where each item's run
+    /// starts, and a dense accumulator over items.
+    sorted: Vec<Pair>,
+    run_start: Vec<u32>,
+    acc: Vec<f32>,
+    seen: Vec<bool>,
+    merged: Vec<u32>,
+}
+
+impl Lists {
+    fn new(max_neighbours: usize) -> Lists {
+        Lists {
+            max_neighbours,
+            co: Vec::new(),
+            sorted: Vec::new(),
+            run_start: Vec::new(),
+            acc: Vec::new(),
+            seen: Vec::new(),
+            merged: Vec::new(),
+        }
+    }
+
+    /// Adds `pairs` (of the first `items` items) to the neighbour lists,
+    /// and empties it: sorted by item (stable: each list sums in log
+    /// order), each touched list merged once through a dense accumulator,
+    /// then pruned.
+    fn merge(&mut self, pairs: &mut Vec<Pair>, items: usize) {
+        if self.co.len() < items {
+            self.co.resize_with(items, Vec::new);
+        }
+        let n = self.co.len();
+        let max_n = self.max_neighbours;
+        self.run_start.clear();
+        self.run_start.resize(n + 1, 0);
+        for p in pairs.iter() {
+            self.run_start[p.key as usize + 1] += 1;
+        }
+        for i in 0..n {
+            self.run_start[i + 1] += self.run_start[i];
+        }
+        self.sorted.clear();
+        self.sorted.resize(pairs.len(), Pair::default());
+        // run_start[i] is the next free place of item i's run while
+        // scattering; afterwards it is where run i + 1 starts.
+        for p in pairs.iter() {
+            let at = &mut self.run_start[p.key as usize];
+            self.sorted[*at as usize] = *p;
+            *at += 1;
+        }
+        pairs.clear();
+        self.acc.resize(n, 0.0);
+        self.seen.resize(n, false);
+        let mut from = 0usize;
+        for key in 0..n {
+            let to = self.run_start[key] as usize;
+            if to == from {
+                continue;
+            }
+            let list = &mut self.co[key];
+            self.merged.clear();
+            for &(nb, w) in list.iter() {
+                self.acc[nb as usize] = w;
+                self.seen[nb as usize] = true;
+                self.merged.push(nb);
+            }
+            for p in &self.sorted[from..to] {
+                let nb = p.nb as usize;
+                if !self.seen[nb] {
+                    self.seen[nb] = true;
+                    self.acc[nb] = 0.0;
+                    self.merged.push(p.nb);
+                }
+                self.acc[nb] += p.w;
+            }
+            list.clear();
+            for &nb in &self.merged {
+                list.push((nb, self.acc[nb as usize]));
+                self.seen[nb as usize] = false;
+            }
+            if list.len() > 2 * max_n {
+                strongest(list, max_n);
+            }
+            from = to;
+        }
+    }
+}
+
+/// Where buffered pairs are merged into the neighbour lists.
+enum Merging {
+    /// On the folding thread, between events.
+    Here(Lists),
+    /// On a thread of its own, while the next pairs are buffered.
+    Apart(MergeThread),
+}
+
+/// A merge thread: full pair buffers (with the item count when each was
+/// sent) go to it in log order, emptied ones come back. Two buffers in
+/// all: the one being filled and the one being merged.
+struct MergeThread {
+    full: std::sync::mpsc::SyncSender<(Vec<Pair>, usize)>,
+    empty: std::sync::mpsc::Receiver<Vec<Pair>>,
+    /// The second buffer, until it is first needed.
+    spare: Option<Vec<Pair>>,
+    thread: std::thread::JoinHandle<Lists>,
+}
+
 /// Folds interactions, in log order, into co-occurrence counts.
 ///
 /// An interaction pairs its item with the distinct items of the user's last
@@ -203,7 +317,10 @@ const PAIR_BATCH: usize = 1 << 22;
 /// buffer, and every 4,194,304 (2^22) pairs the buffer is sorted by item
 /// (a stable counting sort, so each list still sums in log order) and each
 /// touched list is merged once, then pruned to its `max_neighbours`
-/// strongest if it grew past twice that.
+/// strongest if it grew past twice that. The merge runs on the folding
+/// thread ([`Builder::new`]) or on a thread of its own, beside the fold of
+/// the next pairs ([`Builder::with_merge_thread`], what a rebuild uses):
+/// the same merges in the same order either way, so the same lists.
 pub struct Builder {
     pub(super) cfg: RecsConfig,
     /// Weight of each interaction kind (by `InteractionKind as usize`).
@@ -215,20 +332,12 @@ pub struct Builder {
     names: Vec<CompactString>,
     user_index: UserIndex,
     pub(super) users: Vec<UserState>,
-    /// Neighbours per item, weighted (f32: half the memory traffic; sums
-    /// of one pair stay well within its precision for ranking), in no
-    /// particular order. Pairs still in `pairs` are not in here yet.
-    pub(super) co: Vec<Vec<(u32, f32)>>,
+    /// The neighbour lists (pairs still in `pairs`, or on their way to
+    /// the merge thread, are not in them yet).
+    merging: Merging,
     pub(super) pairs: Vec<Pair>,
     /// Pairs buffered before a merge (PAIR_BATCH; smaller in tests).
     pub(super) pair_batch: usize,
-    /// Scratch of the merge: pairs sorted by item, where each item's run
-    /// starts, and a dense accumulator over items.
-    sorted: Vec<Pair>,
-    run_start: Vec<u32>,
-    acc: Vec<f32>,
-    seen: Vec<bool>,
-    merged: Vec<u32>,
     /// Scratch list of the distinct items of one event's window.
     recent: Vec<u32>,
     /// Scratch of a batch: each event's user id hash and user hint.
@@ -260,14 +369,9 @@ impl Builder {
             names: Vec::new(),
             user_index: UserIndex::new(),
             users: Vec::new(),
-            co: Vec::new(),
+            merging: Merging::Here(Lists::new(cfg.max_neighbours)),
             pairs: Vec::new(),
             pair_batch: PAIR_BATCH,
-            sorted: Vec::new(),
-            run_start: Vec::new(),
-            acc: Vec::new(),
-            seen: Vec::new(),
-            merged: Vec::new(),
             recent: Vec::new(),
             hashes: Vec::new(),
             hints: Vec::new(),
@@ -275,6 +379,44 @@ impl Builder {
             t0: None,
             newest: i64::MIN,
             events: 0,
+        }
+    }
+
+    /// A builder that merges pairs on a thread of its own (named
+    /// `rebuild-merge`), beside the fold: the same result as
+    /// [`Builder::new`]'s, with the merges off the folding thread.
+    pub fn with_merge_thread(cfg: &RecsConfig) -> std::io::Result<Builder> {
+        let (full, to_merge) = std::sync::mpsc::sync_channel::<(Vec<Pair>, usize)>(1);
+        let (emptied, empty) = std::sync::mpsc::channel();
+        let max_neighbours = cfg.max_neighbours;
+        let thread = std::thread::Builder::new()
+            .name("rebuild-merge".into())
+            .spawn(move || {
+                let mut lists = Lists::new(max_neighbours);
+                for (mut pairs, items) in to_merge {
+                    lists.merge(&mut pairs, items);
+                    // Fails only when the builder is gone.
+                    let _ = emptied.send(pairs);
+                }
+                lists
+            })?;
+        let mut b = Builder::new(cfg);
+        b.merging = Merging::Apart(MergeThread {
+            full,
+            empty,
+            spare: Some(Vec::new()),
+            thread,
+        });
+        Ok(b)
+    }
+
+    /// The neighbour lists merged so far (tests: a builder without a merge
+    /// thread).
+    #[cfg(test)]
+    pub(super) fn co(&self) -> &[Vec<(u32, f32)>] {
+        match &self.merging {
+            Merging::Here(lists) => &lists.co,
+            Merging::Apart(_) => panic!("the lists are on the merge thread"),
         }
     }
 
@@ -286,7 +428,6 @@ impl Builder {
         let name = CompactString::from(name);
         self.ids.insert(name.clone(), i);
         self.names.push(name);
-        self.co.push(Vec::new());
         self.popularity.push(0.0);
         i
     }
@@ -423,63 +564,45 @@ impl Builder {
         }
     }
 
-    /// Adds the buffered pairs to the neighbour lists: sorted by item
-    /// (stable: each list sums in log order), each touched list merged
-    /// once through a dense accumulator, then pruned.
+    /// Adds the buffered pairs to the neighbour lists, here or on the
+    /// merge thread.
     fn merge_pairs(&mut self) {
-        let n = self.co.len();
-        let max_n = self.cfg.max_neighbours;
-        self.run_start.clear();
-        self.run_start.resize(n + 1, 0);
-        for p in &self.pairs {
-            self.run_start[p.key as usize + 1] += 1;
+        let items = self.names.len();
+        match &mut self.merging {
+            Merging::Here(lists) => lists.merge(&mut self.pairs, items),
+            Merging::Apart(t) => {
+                // The other buffer: unused yet, or back from the merge
+                // thread once it merged it (a new one if that thread is
+                // gone: its panic is passed on when the fold ends).
+                let next = match t.spare.take() {
+                    Some(v) => v,
+                    None => t.empty.recv().unwrap_or_default(),
+                };
+                let full = std::mem::replace(&mut self.pairs, next);
+                let _ = t.full.send((full, items));
+            }
         }
-        for i in 0..n {
-            self.run_start[i + 1] += self.run_start[i];
-        }
-        self.sorted.clear();
-        self.sorted.resize(self.pairs.len(), Pair::default());
-        // run_start[i] is the next free place of item i's run while
-        // scattering; afterwards it is where run i + 1 starts.
-        for p in &self.pairs {
-            let at = &mut self.run_start[p.key as usize];
-            self.sorted[*at as usize] = *p;
-            *at += 1;
-        }
-        self.pairs.clear();
-        self.acc.resize(n, 0.0);
-        self.seen.resize(n, false);
-        let mut from = 0usize;
-        for key in 0..n {
-            let to = self.run_start[key] as usize;
-            if to == from {
-                continue;
+    }
+
+    /// Merges what is still buffered and ends the merge thread, if any:
+    /// the final neighbour lists.
+    fn take_lists(&mut self) -> Lists {
+        let items = self.names.len();
+        let merging = std::mem::replace(&mut self.merging, Merging::Here(Lists::new(0)));
+        match merging {
+            Merging::Here(mut lists) => {
+                lists.merge(&mut self.pairs, items);
+                lists
             }
-            let list = &mut self.co[key];
-            self.merged.clear();
-            for &(nb, w) in list.iter() {
-                self.acc[nb as usize] = w;
-                self.seen[nb as usize] = true;
-                self.merged.push(nb);
+            Merging::Apart(t) => {
+                // The last merge also sizes the lists to every item.
+                let _ = t.full.send((std::mem::take(&mut self.pairs), items));
+                drop(t.full);
+                t.thread
+                    .join()
+                    // A panic in the merge thread is a bug: pass it on.
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e))
             }
-            for p in &self.sorted[from..to] {
-                let nb = p.nb as usize;
-                if !self.seen[nb] {
-                    self.seen[nb] = true;
-                    self.acc[nb] = 0.0;
-                    self.merged.push(p.nb);
-                }
-                self.acc[nb] += p.w;
-            }
-            list.clear();
-            for &nb in &self.merged {
-                list.push((nb, self.acc[nb as usize]));
-                self.seen[nb as usize] = false;
-            }
-            if list.len() > 2 * max_n {
-                strongest(list, max_n);
-            }
-            from = to;
         }
     }
 
@@ -488,7 +611,7 @@ impl Builder {
     /// item (a fixed summation order, so scores do not depend on the
     /// order lists were merged in), and the users sorted by id.
     pub fn into_ranker(mut self) -> Ranker {
-        self.merge_pairs();
+        let co = self.take_lists().co;
         let decay_ms = self.cfg.decay_half_life.as_millis() as f64;
         let pop_ms = self.cfg.popular_half_life.as_millis() as f64;
         let norm = growth(self.t0, self.newest, decay_ms);
@@ -506,10 +629,10 @@ impl Builder {
         let max_n = self.cfg.max_neighbours;
         // All lists in one array (an item's list is contiguous, its start
         // in nb_start): ranking reads them at random.
-        let mut nb_start = Vec::with_capacity(self.co.len() + 1);
+        let mut nb_start = Vec::with_capacity(co.len() + 1);
         let mut nb = Vec::new();
         nb_start.push(0u32);
-        for mut v in self.co {
+        for mut v in co {
             strongest(&mut v, max_n);
             v.sort_unstable_by_key(|(n, _)| *n);
             nb.extend(v);

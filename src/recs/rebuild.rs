@@ -1,4 +1,4 @@
-//! One rebuild end to end: replay ∥ fold, then rank ∥ publish
+//! One rebuild end to end: replay ∥ fold ∥ merge, then rank ∥ publish
 //! (docs/RECOMMENDATIONS.md, "How a rebuild runs").
 
 use super::{publish, replay, Builder, Encoded, FoldBatch};
@@ -14,8 +14,9 @@ const RANK_CHUNK: usize = 10_000;
 /// from the replay thread; setting `cancel` aborts the replay (nothing is
 /// published then, the previous generation stays).
 ///
-/// Three stages overlap: the replay thread reads and parses while a fold
-/// thread folds (bounded channel); then ranking threads rank users in
+/// Stages overlap: the replay thread reads and parses while a fold thread
+/// folds (bounded channel) and a merge thread merges the fold's pairs into
+/// the neighbour lists (two pair buffers); then ranking threads rank users in
 /// chunks, in user id order, and encode their records, while the publisher
 /// writes the previous chunk to the topic and Redis.
 pub async fn rebuild_once(
@@ -36,10 +37,12 @@ pub async fn rebuild_once(
     let started = std::time::Instant::now();
     let (ranker, stats, fold_finish_secs) = tokio::task::spawn_blocking(move || {
         let (tx, rx) = std::sync::mpsc::sync_channel::<FoldBatch>(64);
+        // The fold is the replay phase's longest chain: merging its pairs
+        // into the neighbour lists goes to a thread of its own.
+        let mut b = Builder::with_merge_thread(&recs_cfg).context("starting the merge thread")?;
         let folder = std::thread::Builder::new()
             .name("rebuild-fold".into())
             .spawn(move || {
-                let mut b = Builder::new(&recs_cfg);
                 for batch in rx {
                     b.add_batch(&batch);
                 }

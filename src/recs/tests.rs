@@ -85,8 +85,8 @@ fn neighbour_lists_stay_bounded() {
         b.add(&e);
         assert!(b.pairs.len() < 1_000);
     }
-    assert!(b.co.iter().all(|ns| ns.len() <= 10));
-    assert!(b.co.iter().filter(|ns| ns.len() > 5).count() > 100);
+    assert!(b.co().iter().all(|ns| ns.len() <= 10));
+    assert!(b.co().iter().filter(|ns| ns.len() > 5).count() > 100);
     assert!(b.users.iter().all(|u| u.history.len() <= cfg.history_cap));
     // Ranking uses the max_neighbours strongest of each list.
     let r = b.into_ranker();
@@ -192,6 +192,43 @@ fn when_nothing_is_pruned_merging_pairs_late_changes_nothing() {
     }
     assert!(late.pairs.len() > 10_000, "pairs were merged early");
     assert_eq!(every.finish(), late.finish());
+}
+
+#[test]
+fn merging_on_a_thread_of_its_own_equals_merging_here() {
+    // Small buffers and lists: many merges, each pruning lists, so the
+    // result depends on every merge's contents and order.
+    let cfg = RecsConfig {
+        max_neighbours: 5,
+        ..RecsConfig::default()
+    };
+    let events = generated(10, 2_000, 1_000, 50.0, 30_000);
+    let mut here = Builder::new(&cfg);
+    here.pair_batch = 997;
+    let mut apart = Builder::with_merge_thread(&cfg).unwrap();
+    apart.pair_batch = 997;
+    for chunk in events.chunks(100) {
+        let mut fb = FoldBatch::with_capacity(chunk.len());
+        for e in chunk {
+            here.add(e);
+            fb.push(&e.user_id, &e.item_id, e.kind, e.event_time);
+        }
+        apart.add_batch(&fb);
+    }
+    let (here, apart) = (here.finish(), apart.finish());
+    assert_eq!(here, apart);
+    assert_eq!(publish::digest(&here), publish::digest(&apart));
+    assert!(
+        here.users
+            .iter()
+            .filter(|u| u.source == Source::Batch)
+            .count()
+            > 1_000
+    );
+    // Nothing folded: no lists, no users, on either.
+    let empty = Builder::with_merge_thread(&cfg).unwrap().finish();
+    assert_eq!(empty, Builder::new(&cfg).finish());
+    assert!(empty.users.is_empty() && empty.neighbours.iter().all(|(_, l)| l.is_empty()));
 }
 
 #[test]
