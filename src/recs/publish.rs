@@ -451,6 +451,19 @@ impl Publisher {
         Ok(())
     }
 
+    /// [`Publisher::finish`] with what `ranker` folded: its popular list,
+    /// the neighbours it serves, its event and item counts.
+    pub async fn finish_ranked(self, ranker: &super::Ranker) -> anyhow::Result<Meta> {
+        let neighbours = ranker.serve_neighbours();
+        self.finish(
+            ranker.popular(),
+            &neighbours,
+            ranker.events(),
+            ranker.items(),
+        )
+        .await
+    }
+
     /// Item neighbours and the popular list to Redis, every topic record
     /// acknowledged (and the transaction committed), then `recs:meta`.
     pub async fn finish(

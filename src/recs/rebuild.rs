@@ -118,15 +118,7 @@ pub async fn rebuild_once(
     let rank_secs = ranking.await.context("ranking task")?;
     let publish_wait = publisher.wait;
     let finishing = std::time::Instant::now();
-    let neighbours = ranker.serve_neighbours();
-    let meta = publisher
-        .finish(
-            ranker.popular(),
-            &neighbours,
-            ranker.events(),
-            ranker.items(),
-        )
-        .await?;
+    let meta = publisher.finish_ranked(&ranker).await?;
     tracing::info!(
         replay_seconds = replay_secs,
         fold_finish_seconds = fold_finish_secs,
