@@ -24,7 +24,7 @@ fn show(metrics: &Metrics, m: &publish::Meta) {
 }
 
 /// One rebuild on a thread and a runtime of its own, `recs.nice` below the
-/// stream: everything it starts (the replay and fold threads, the ranking
+/// stream: everything it starts (the replay, fold and merge threads, the ranking
 /// threads, its Kafka clients' threads, the Redis writer's tasks) inherits
 /// that priority, and none of it runs on the stream's runtime. Measured
 /// (docs/BENCHMARKS.md, "Scoring during a periodic rebuild"): a small
