@@ -191,7 +191,8 @@ pub(super) struct Pair {
 }
 
 /// Pairs buffered before they are added to the neighbour lists (12 bytes
-/// each, twice: 96 MB at most).
+/// each: 48 MB per buffer, and as much again for the merge's sorted copy;
+/// with a merge thread, a second buffer fills meanwhile: 144 MB in all).
 const PAIR_BATCH: usize = 1 << 22;
 
 /// The neighbour lists, and the scratch of merging buffered pairs into
