@@ -17,6 +17,7 @@ use std::hash::Hasher;
 use compact_str::CompactString;
 use rustc_hash::{FxHashMap, FxHasher};
 
+use super::merge::{Merging, Pair};
 use super::rank::{ItemOut, Ranker};
 use super::{growth, prefetch, strongest, top, Candidates};
 use crate::config::RecsConfig;
@@ -181,133 +182,10 @@ impl FoldBatch {
 /// Events between the pipeline's stages (see the module documentation).
 const AHEAD: usize = 8;
 
-/// One direction of a co-occurring pair, waiting in the fold's pair buffer
-/// to be added to `key`'s neighbour list.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Pair {
-    key: u32,
-    nb: u32,
-    w: f32,
-}
-
 /// Pairs buffered before they are added to the neighbour lists (12 bytes
 /// each: 48 MB per buffer, and as much again for the merge's sorted copy;
 /// with a merge thread, a second buffer fills meanwhile: 144 MB in all).
 const PAIR_BATCH: usize = 1 << 22;
-
-/// The neighbour lists, and the scratch of merging buffered pairs into
-/// them (see [`Builder`]).
-pub(super) struct Lists {
-    max_neighbours: usize,
-    /// Neighbours per item, weighted (f32: half the memory traffic; sums
-    /// of one pair stay well within its precision for ranking), in no
-    /// particular order.
-    pub(super) co: Vec<Vec<(u32, f32)>>,
-    /// Scratch of the merge: pairs sorted by item, where each item's run
-    /// starts, and a dense accumulator over items.
-    sorted: Vec<Pair>,
-    run_start: Vec<u32>,
-    acc: Vec<f32>,
-    seen: Vec<bool>,
-    merged: Vec<u32>,
-}
-
-impl Lists {
-    fn new(max_neighbours: usize) -> Lists {
-        Lists {
-            max_neighbours,
-            co: Vec::new(),
-            sorted: Vec::new(),
-            run_start: Vec::new(),
-            acc: Vec::new(),
-            seen: Vec::new(),
-            merged: Vec::new(),
-        }
-    }
-
-    /// Adds `pairs` (of the first `items` items) to the neighbour lists,
-    /// and empties it: sorted by item (stable: each list sums in log
-    /// order), each touched list merged once through a dense accumulator,
-    /// then pruned.
-    fn merge(&mut self, pairs: &mut Vec<Pair>, items: usize) {
-        if self.co.len() < items {
-            self.co.resize_with(items, Vec::new);
-        }
-        let n = self.co.len();
-        let max_n = self.max_neighbours;
-        self.run_start.clear();
-        self.run_start.resize(n + 1, 0);
-        for p in pairs.iter() {
-            self.run_start[p.key as usize + 1] += 1;
-        }
-        for i in 0..n {
-            self.run_start[i + 1] += self.run_start[i];
-        }
-        self.sorted.clear();
-        self.sorted.resize(pairs.len(), Pair::default());
-        // run_start[i] is the next free place of item i's run while
-        // scattering; afterwards it is where run i + 1 starts.
-        for p in pairs.iter() {
-            let at = &mut self.run_start[p.key as usize];
-            self.sorted[*at as usize] = *p;
-            *at += 1;
-        }
-        pairs.clear();
-        self.acc.resize(n, 0.0);
-        self.seen.resize(n, false);
-        let mut from = 0usize;
-        for key in 0..n {
-            let to = self.run_start[key] as usize;
-            if to == from {
-                continue;
-            }
-            let list = &mut self.co[key];
-            self.merged.clear();
-            for &(nb, w) in list.iter() {
-                self.acc[nb as usize] = w;
-                self.seen[nb as usize] = true;
-                self.merged.push(nb);
-            }
-            for p in &self.sorted[from..to] {
-                let nb = p.nb as usize;
-                if !self.seen[nb] {
-                    self.seen[nb] = true;
-                    self.acc[nb] = 0.0;
-                    self.merged.push(p.nb);
-                }
-                self.acc[nb] += p.w;
-            }
-            list.clear();
-            for &nb in &self.merged {
-                list.push((nb, self.acc[nb as usize]));
-                self.seen[nb as usize] = false;
-            }
-            if list.len() > 2 * max_n {
-                strongest(list, max_n);
-            }
-            from = to;
-        }
-    }
-}
-
-/// Where buffered pairs are merged into the neighbour lists.
-enum Merging {
-    /// On the folding thread, between events.
-    Here(Lists),
-    /// On a thread of its own, while the next pairs are buffered.
-    Apart(MergeThread),
-}
-
-/// A merge thread: full pair buffers (with the item count when each was
-/// sent) go to it in log order, emptied ones come back. Two buffers in
-/// all: the one being filled and the one being merged.
-struct MergeThread {
-    full: std::sync::mpsc::SyncSender<(Vec<Pair>, usize)>,
-    empty: std::sync::mpsc::Receiver<Vec<Pair>>,
-    /// The second buffer, until it is first needed.
-    spare: Option<Vec<Pair>>,
-    thread: std::thread::JoinHandle<Lists>,
-}
 
 /// Folds interactions, in log order, into co-occurrence counts.
 ///
@@ -370,7 +248,7 @@ impl Builder {
             names: Vec::new(),
             user_index: UserIndex::new(),
             users: Vec::new(),
-            merging: Merging::Here(Lists::new(cfg.max_neighbours)),
+            merging: Merging::here(cfg.max_neighbours),
             pairs: Vec::new(),
             pair_batch: PAIR_BATCH,
             recent: Vec::new(),
@@ -387,27 +265,8 @@ impl Builder {
     /// `rebuild-merge`), beside the fold: the same result as
     /// [`Builder::new`]'s, with the merges off the folding thread.
     pub fn with_merge_thread(cfg: &RecsConfig) -> std::io::Result<Builder> {
-        let (full, to_merge) = std::sync::mpsc::sync_channel::<(Vec<Pair>, usize)>(1);
-        let (emptied, empty) = std::sync::mpsc::channel();
-        let max_neighbours = cfg.max_neighbours;
-        let thread = std::thread::Builder::new()
-            .name("rebuild-merge".into())
-            .spawn(move || {
-                let mut lists = Lists::new(max_neighbours);
-                for (mut pairs, items) in to_merge {
-                    lists.merge(&mut pairs, items);
-                    // Fails only when the builder is gone.
-                    let _ = emptied.send(pairs);
-                }
-                lists
-            })?;
         let mut b = Builder::new(cfg);
-        b.merging = Merging::Apart(MergeThread {
-            full,
-            empty,
-            spare: Some(Vec::new()),
-            thread,
-        });
+        b.merging = Merging::apart(cfg.max_neighbours)?;
         Ok(b)
     }
 
@@ -415,10 +274,7 @@ impl Builder {
     /// thread).
     #[cfg(test)]
     pub(super) fn co(&self) -> &[Vec<(u32, f32)>] {
-        match &self.merging {
-            Merging::Here(lists) => &lists.co,
-            Merging::Apart(_) => panic!("the lists are on the merge thread"),
-        }
+        self.merging.co()
     }
 
     fn item(&mut self, name: &str) -> u32 {
@@ -536,16 +392,8 @@ impl Builder {
             }
             self.recent.push(past.item);
             let pair = (w * self.weights[past.kind as usize] * g) as f32;
-            self.pairs.push(Pair {
-                key: item,
-                nb: past.item,
-                w: pair,
-            });
-            self.pairs.push(Pair {
-                key: past.item,
-                nb: item,
-                w: pair,
-            });
+            self.pairs.push(Pair::new(item, past.item, pair));
+            self.pairs.push(Pair::new(past.item, item, pair));
         }
         user.history.push_back(Hist { item, kind, time });
         while user.history.len() > cap {
@@ -568,43 +416,7 @@ impl Builder {
     /// Adds the buffered pairs to the neighbour lists, here or on the
     /// merge thread.
     fn merge_pairs(&mut self) {
-        let items = self.names.len();
-        match &mut self.merging {
-            Merging::Here(lists) => lists.merge(&mut self.pairs, items),
-            Merging::Apart(t) => {
-                // The other buffer: unused yet, or back from the merge
-                // thread once it merged it (a new one if that thread is
-                // gone: its panic is passed on when the fold ends).
-                let next = match t.spare.take() {
-                    Some(v) => v,
-                    None => t.empty.recv().unwrap_or_default(),
-                };
-                let full = std::mem::replace(&mut self.pairs, next);
-                let _ = t.full.send((full, items));
-            }
-        }
-    }
-
-    /// Merges what is still buffered and ends the merge thread, if any:
-    /// the final neighbour lists.
-    fn take_lists(&mut self) -> Lists {
-        let items = self.names.len();
-        let merging = std::mem::replace(&mut self.merging, Merging::Here(Lists::new(0)));
-        match merging {
-            Merging::Here(mut lists) => {
-                lists.merge(&mut self.pairs, items);
-                lists
-            }
-            Merging::Apart(t) => {
-                // The last merge also sizes the lists to every item.
-                let _ = t.full.send((std::mem::take(&mut self.pairs), items));
-                drop(t.full);
-                t.thread
-                    .join()
-                    // A panic in the merge thread is a bug: pass it on.
-                    .unwrap_or_else(|e| std::panic::resume_unwind(e))
-            }
-        }
+        self.merging.merge(&mut self.pairs, self.names.len());
     }
 
     /// Ends the fold: what ranking needs, with every neighbour list cut to
@@ -612,7 +424,9 @@ impl Builder {
     /// item (a fixed summation order, so scores do not depend on the
     /// order lists were merged in), and the users sorted by id.
     pub fn into_ranker(mut self) -> Ranker {
-        let co = self.take_lists().co;
+        let co = self
+            .merging
+            .finish(std::mem::take(&mut self.pairs), self.names.len());
         let decay_ms = self.cfg.decay_half_life.as_millis() as f64;
         let pop_ms = self.cfg.popular_half_life.as_millis() as f64;
         let norm = growth(self.t0, self.newest, decay_ms);

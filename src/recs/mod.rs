@@ -10,6 +10,7 @@
 mod eval;
 mod fold;
 pub mod hybrid;
+mod merge;
 pub mod periodic;
 pub mod publish;
 mod rank;

@@ -150,7 +150,11 @@ fn generated(seed: u64, users: usize, items: usize, gap_ms: f64, n: usize) -> Ve
 }
 
 fn fold_batches(events: &[Interaction], cfg: &RecsConfig, batch: usize) -> Builder {
-    let mut b = Builder::new(cfg);
+    fold_batches_into(Builder::new(cfg), events, batch)
+}
+
+/// `events` folded into `b` in batches of `batch`.
+fn fold_batches_into(mut b: Builder, events: &[Interaction], batch: usize) -> Builder {
     for chunk in events.chunks(batch) {
         let mut fb = FoldBatch::with_capacity(chunk.len());
         for e in chunk {
@@ -205,16 +209,12 @@ fn merging_on_a_thread_of_its_own_equals_merging_here() {
     let events = generated(10, 2_000, 1_000, 50.0, 30_000);
     let mut here = Builder::new(&cfg);
     here.pair_batch = 997;
+    for e in &events {
+        here.add(e);
+    }
     let mut apart = Builder::with_merge_thread(&cfg).unwrap();
     apart.pair_batch = 997;
-    for chunk in events.chunks(100) {
-        let mut fb = FoldBatch::with_capacity(chunk.len());
-        for e in chunk {
-            here.add(e);
-            fb.push(&e.user_id, &e.item_id, e.kind, e.event_time);
-        }
-        apart.add_batch(&fb);
-    }
+    let apart = fold_batches_into(apart, &events, 100);
     let (here, apart) = (here.finish(), apart.finish());
     assert_eq!(here, apart);
     assert_eq!(publish::digest(&here), publish::digest(&apart));
